@@ -1,0 +1,127 @@
+"""Typed params: one pydantic model per `params.yaml` section, overridable by environment.
+
+`VAEOPS_TRAIN__LATENT_DIM=32` overrides `train.latent_dim`. Unknown keys and invalid values fail
+before any work with one line naming the key, the value and what is allowed (exit code 2).
+"""
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+from vaeops.errors import UsageError
+
+DATASETS = ("mnist", "fashion-mnist")
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_default=True)
+
+
+class DataParams(Section):
+    dataset: Literal["mnist", "fashion-mnist"] = "mnist"
+    # Extra base URLs tried after VAEOPS_DATA_MIRROR and the system folder; empty means the
+    # dataset's canonical public mirrors (see datasets.py).
+    mirrors: list[str] = Field(default_factory=list)
+    timeout_s: float = Field(30.0, gt=0)
+
+
+class PreprocessParams(Section):
+    val_size: int = Field(5000, ge=0, description="images split off the training set")
+    seed: int = Field(0, ge=0)
+    # Keep only the first N training images after the split (0 = all): a small-data profile.
+    train_limit: int = Field(0, ge=0)
+
+
+class TrainParams(Section):
+    arch: Literal["mlp", "conv"] = "mlp"
+    latent_dim: int = Field(20, ge=1)
+    hidden_dim: int = Field(400, ge=1)
+    epochs: int = Field(10, ge=1)
+    batch_size: int = Field(128, ge=1)
+    optimizer: Literal["adam", "sgd"] = "adam"
+    lr: float = Field(2e-3, gt=0)
+    momentum: float = Field(0.9, ge=0, lt=1)
+    weight_decay: float = Field(0.0, ge=0)
+    lr_schedule: Literal["none", "cosine"] = "cosine"
+    beta: float = Field(1.0, ge=0)
+    kl_warmup_epochs: int = Field(0, ge=0)
+    binarize: bool = False
+    grad_clip: float = Field(0.0, ge=0, description="max grad norm; 0 disables clipping")
+    seed: int = Field(0, ge=0)
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    bf16: bool = False
+    compile: bool = False
+    resume: bool = False
+    log_every_steps: int = Field(100, ge=1)
+    experiment: str = Field("vaeops", min_length=1)
+
+
+class EvaluateParams(Section):
+    iwae_samples: int = Field(1000, ge=1)
+    iwae_batch: int = Field(2_000_000, ge=1, description="max decoded images per IWAE chunk")
+    seed: int = Field(0, ge=0)
+    traversal_dims: int = Field(5, ge=1)
+    interpolation_pairs: int = Field(6, ge=1)
+
+
+class ExportParams(Section):
+    opset: int = Field(18, ge=13)
+    atol: float = Field(1e-5, gt=0)
+    rtol: float = Field(1e-5, gt=0)
+    registered_model_name: str = Field("vaeops-decoder", min_length=1)
+
+
+class Params(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="VAEOPS_", env_nested_delimiter="__", extra="forbid", case_sensitive=False
+    )
+
+    data: DataParams = Field(default_factory=DataParams)
+    preprocess: PreprocessParams = Field(default_factory=PreprocessParams)
+    train: TrainParams = Field(default_factory=TrainParams)
+    evaluate: EvaluateParams = Field(default_factory=EvaluateParams)
+    export: ExportParams = Field(default_factory=ExportParams)
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # Environment beats params.yaml (passed as init kwargs), so a one-off override needs no edit.
+        return (env_settings, init_settings)
+
+
+def _describe(err: dict[str, Any]) -> str:
+    key = ".".join(str(p) for p in err["loc"])
+    if err["type"] == "extra_forbidden":
+        return f"unknown key '{key}' (value {err['input']!r}); check the spelling against README"
+    if err["type"] == "literal_error":
+        allowed = err.get("ctx", {}).get("expected", "")
+        return f"{key} = {err['input']!r} is not allowed; expected {allowed}"
+    return f"{key} = {err['input']!r}: {err['msg']}"
+
+
+def load_params(path: Path | str = "params.yaml") -> Params:
+    """Read and validate every section; raise UsageError with one line on the first problem."""
+    path = Path(path)
+    if not path.exists():
+        raise UsageError(f"{path}: params file not found (run from the project root)")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise UsageError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+    if not isinstance(raw, dict):
+        raise UsageError(f"{path}: expected a mapping of sections, got {type(raw).__name__}")
+    try:
+        return Params(**raw)
+    except ValidationError as e:
+        errors = e.errors()
+        more = f" (+{len(errors) - 1} more)" if len(errors) > 1 else ""
+        raise UsageError(f"{path}: {_describe(errors[0])}{more}") from None

@@ -1,0 +1,165 @@
+"""The article's two VAEs, and the checkpoint that rebuilds them.
+
+Decoders return logits; `decode` applies the sigmoid, keeping the article's image-out API while the
+loss uses the numerically stable BCE-with-logits.
+"""
+
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.nn import functional as F
+
+from vaeops.errors import UsageError
+
+
+class VAE(nn.Module):
+    """Shared VAE plumbing; subclasses define `encode(x) -> (mu, logvar)` and `decode_logits(z)`."""
+
+    latent_dim: int
+    image_shape: tuple[int, int, int]
+
+    def encode(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        raise NotImplementedError
+
+    def decode_logits(self, z: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def decode(self, z: Tensor) -> Tensor:
+        return torch.sigmoid(self.decode_logits(z))
+
+    def reparameterize(self, mu: Tensor, logvar: Tensor) -> Tensor:
+        std = torch.exp(0.5 * logvar)
+        eps = torch.randn_like(std)
+        return mu + eps * std
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Returns (reconstruction logits, mu, logvar)."""
+        mu, logvar = self.encode(x)
+        z = self.reparameterize(mu, logvar)
+        return self.decode_logits(z), mu, logvar
+
+
+class MLPVAE(VAE):
+    """pytorch/examples vae/main.py, with the image shape and hidden size as arguments."""
+
+    def __init__(self, image_shape: tuple[int, int, int], latent_dim: int, hidden_dim: int = 400) -> None:
+        super().__init__()
+        self.image_shape = tuple(image_shape)
+        self.latent_dim = latent_dim
+        n = math.prod(image_shape)
+        self.fc1 = nn.Linear(n, hidden_dim)
+        self.fc21 = nn.Linear(hidden_dim, latent_dim)
+        self.fc22 = nn.Linear(hidden_dim, latent_dim)
+        self.fc3 = nn.Linear(latent_dim, hidden_dim)
+        self.fc4 = nn.Linear(hidden_dim, n)
+
+    def encode(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        h1 = F.relu(self.fc1(x.flatten(1)))
+        return self.fc21(h1), self.fc22(h1)
+
+    def decode_logits(self, z: Tensor) -> Tensor:
+        h3 = F.relu(self.fc3(z))
+        return self.fc4(h3).view(-1, *self.image_shape)
+
+
+class ConvVAE(VAE):
+    """The article's conv VAE: conv+pool+ReLU → 2 × (dense+BN+ReLU) → mu, logvar; mirrored decoder.
+
+    Two 2× poolings, so any H, W ≥ 4 works: the transposed convs use output_padding to land back on
+    the exact input size when H or W is not a multiple of 4.
+    """
+
+    def __init__(
+        self, image_shape: tuple[int, int, int], latent_dim: int, hidden_dim: int = 400, channels: int = 32
+    ) -> None:
+        super().__init__()
+        self.image_shape = tuple(image_shape)
+        self.latent_dim = latent_dim
+        c, h, w = image_shape
+        h1, w1 = h // 2, w // 2
+        h2, w2 = h1 // 2, w1 // 2
+        self.feat = (2 * channels, h2, w2)
+        n_feat = math.prod(self.feat)
+        self.encoder = nn.Sequential(
+            nn.Conv2d(c, channels, 3, padding=1),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Conv2d(channels, 2 * channels, 3, padding=1),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Flatten(),
+            nn.Linear(n_feat, hidden_dim),
+            nn.BatchNorm1d(hidden_dim),
+            nn.ReLU(),
+            nn.Linear(hidden_dim, hidden_dim),
+            nn.BatchNorm1d(hidden_dim),
+            nn.ReLU(),
+        )
+        self.fc_mu = nn.Linear(hidden_dim, latent_dim)
+        self.fc_logvar = nn.Linear(hidden_dim, latent_dim)
+        self.decoder_fc = nn.Sequential(
+            nn.Linear(latent_dim, hidden_dim),
+            nn.BatchNorm1d(hidden_dim),
+            nn.ReLU(),
+            nn.Linear(hidden_dim, n_feat),
+            nn.BatchNorm1d(n_feat),
+            nn.ReLU(),
+        )
+        # kernel 4, stride 2, padding 1 doubles the size; output_padding adds back a pooled-off row.
+        self.decoder_conv = nn.Sequential(
+            nn.ConvTranspose2d(
+                2 * channels, channels, 4, stride=2, padding=1, output_padding=(h1 - 2 * h2, w1 - 2 * w2)
+            ),
+            nn.ReLU(),
+            nn.ConvTranspose2d(channels, c, 4, stride=2, padding=1, output_padding=(h - 2 * h1, w - 2 * w1)),
+        )
+
+    def encode(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        h = self.encoder(x)
+        return self.fc_mu(h), self.fc_logvar(h)
+
+    def decode_logits(self, z: Tensor) -> Tensor:
+        return self.decoder_conv(self.decoder_fc(z).view(-1, *self.feat))
+
+
+def build_model(arch: str, image_shape: tuple[int, int, int], latent_dim: int, hidden_dim: int) -> VAE:
+    if arch == "mlp":
+        return MLPVAE(image_shape, latent_dim, hidden_dim)
+    if arch == "conv":
+        return ConvVAE(image_shape, latent_dim, hidden_dim)
+    raise UsageError(f"train.arch = {arch!r} is not allowed; expected 'mlp' or 'conv'")
+
+
+# The checkpoint is plain data (tensors, str, int, float, lists, dicts) so it loads with
+# weights_only=True: a file carrying code is refused instead of executed.
+def checkpoint(model: VAE, config: dict[str, Any], **extra: Any) -> dict[str, Any]:
+    """config: arch, latent_dim, hidden_dim, image_shape, dataset (enough to rebuild the model)."""
+    return {"model": model.state_dict(), "config": dict(config), **extra}
+
+
+def save_checkpoint(path: Path | str, state: dict[str, Any]) -> None:
+    from vaeops.io import atomic_path
+
+    with atomic_path(path) as tmp:
+        torch.save(state, tmp)
+
+
+def load_checkpoint(path: Path | str) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise UsageError(f"{path}: checkpoint not found; run `dvc repro train` first")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UsageError(f"{path}: not a loadable vaeops checkpoint ({first[:200]})") from None
+
+
+def model_from_checkpoint(state: dict[str, Any]) -> VAE:
+    cfg = state["config"]
+    model = build_model(cfg["arch"], tuple(cfg["image_shape"]), cfg["latent_dim"], cfg["hidden_dim"])
+    model.load_state_dict(state["model"])
+    return model.eval()

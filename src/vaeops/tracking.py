@@ -1,0 +1,114 @@
+"""Everything MLflow: where the store is, opening or re-entering the training run, tags, images.
+
+The embedded default is a SQLite store plus an artifact folder in the project root (git-ignored), so
+no server is needed; MLFLOW_TRACKING_URI points elsewhere (e.g. an `mlflow server`).
+"""
+
+import fcntl
+import os
+import subprocess
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from vaeops.errors import UsageError
+
+STORE_DB = "mlruns.db"
+ARTIFACTS = "mlartifacts"
+
+
+def project_root() -> Path:
+    """The project folder that owns the embedded store.
+
+    `dvc exp run --queue` runs each experiment in a throw-away copy under .dvc/tmp/exps/; a store
+    relative to that copy would vanish with it, so runs are recorded in the real project instead.
+    """
+    if root := os.environ.get("VAEOPS_PROJECT_ROOT"):
+        return Path(root).resolve()
+    cwd = Path.cwd().resolve()
+    parts = cwd.parts
+    for i in range(len(parts) - 3):
+        if parts[i : i + 3] == (".dvc", "tmp", "exps"):
+            return Path(*parts[:i])
+    return cwd
+
+
+def embedded_uri() -> str:
+    # timeout: parallel queued experiments share one SQLite file; wait for the lock instead of failing.
+    return f"sqlite:///{project_root() / STORE_DB}?timeout=60"
+
+
+def tracking_uri() -> str:
+    return os.environ.get("MLFLOW_TRACKING_URI") or embedded_uri()
+
+
+@contextmanager
+def _store_lock(embedded: bool) -> Iterator[None]:
+    """Serialise schema creation and experiment creation between processes sharing the embedded store."""
+    if not embedded:
+        yield
+        return
+    lock = project_root() / f".{STORE_DB}.lock"
+    with open(lock, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def git_commit() -> str:
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10, check=True
+        )
+        return out.stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def run_tags(extra: dict[str, str] | None = None) -> dict[str, str]:
+    tags = {"git_commit": git_commit(), **(extra or {})}
+    if exp := os.environ.get("DVC_EXP_NAME"):
+        tags["dvc_experiment"] = exp
+    return tags
+
+
+def setup(experiment: str) -> str:
+    """Point MLflow at the store and return the experiment id (created on first use)."""
+    import mlflow
+
+    uri = tracking_uri()
+    embedded = uri == embedded_uri()
+    mlflow.set_tracking_uri(uri)
+    with _store_lock(embedded):
+        try:
+            exp = mlflow.get_experiment_by_name(experiment)
+            if exp is not None:
+                return exp.experiment_id
+            location = (project_root() / ARTIFACTS).as_uri() if embedded else None
+            return mlflow.create_experiment(experiment, artifact_location=location)
+        except Exception as e:
+            first = (str(e).splitlines() or [type(e).__name__])[0][:200]
+            raise UsageError(f"MLflow tracking store {uri} is not usable: {first}") from None
+
+
+def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def log_image(image: np.ndarray, artifact_file: str) -> None:
+    """Log an H×W×3 uint8 array as a PNG artifact of the active run."""
+    import mlflow
+
+    mlflow.log_image(image, artifact_file=artifact_file)

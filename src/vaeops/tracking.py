@@ -112,3 +112,39 @@ def log_image(image: np.ndarray, artifact_file: str) -> None:
     import mlflow
 
     mlflow.log_image(image, artifact_file=artifact_file)
+
+
+def write_run_file(path: Path | str, run_id: str, experiment_id: str) -> None:
+    from vaeops.io import write_json
+
+    write_json(path, {"run_id": run_id, "experiment_id": experiment_id, "tracking_uri": tracking_uri()})
+
+
+def read_run_id(path: Path | str) -> str:
+    import json
+
+    path = Path(path)
+    if not path.is_file():
+        raise UsageError(f"{path}: missing; run `dvc repro train` first")
+    try:
+        return str(json.loads(path.read_text())["run_id"])
+    except (ValueError, KeyError, TypeError):
+        raise UsageError(f"{path}: not a run file (expected JSON with 'run_id')") from None
+
+
+@contextmanager
+def resume_run(run_file: Path | str, experiment: str) -> Iterator[Any]:
+    """Re-enter the training run named in `run_file` so evaluate/export log next to training."""
+    import mlflow
+
+    run_id = read_run_id(run_file)
+    setup(experiment)
+    try:
+        mlflow.get_run(run_id)
+    except Exception:
+        raise UsageError(
+            f"{run_file}: MLflow run {run_id} is not in the store {tracking_uri()}; retrain or set "
+            "MLFLOW_TRACKING_URI to the store that recorded it"
+        ) from None
+    with mlflow.start_run(run_id=run_id) as run:
+        yield run

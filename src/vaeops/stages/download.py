@@ -62,7 +62,7 @@ def fetch(source: str, name: str, timeout: float) -> bytes:
     for cand in candidates:
         if (folder / cand).is_file():
             return (folder / cand).read_bytes()
-    raise FileNotFoundError(f"no {name}(.gz) in folder {folder}")
+    raise FileNotFoundError(f"no {name}(.gz) there")
 
 
 def _reason(e: BaseException) -> str:

@@ -77,11 +77,28 @@ def run_tags(extra: dict[str, str] | None = None) -> dict[str, str]:
     return tags
 
 
+def check_server(uri: str, timeout: float = 5.0) -> None:
+    """Fail in seconds when a tracking server is down, rather than after MLflow's minutes of retries."""
+    import urllib.error
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout) as resp:
+            resp.read()
+    except (urllib.error.URLError, OSError) as e:
+        reason = getattr(e, "reason", e)
+        raise UsageError(
+            f"MLflow tracking server {uri} is not reachable ({reason}); start it or unset MLFLOW_TRACKING_URI"
+        ) from None
+
+
 def setup(experiment: str) -> str:
     """Point MLflow at the store and return the experiment id (created on first use)."""
     import mlflow
 
     uri = tracking_uri()
+    if uri.startswith(("http://", "https://")):
+        check_server(uri)
     embedded = uri == embedded_uri()
     mlflow.set_tracking_uri(uri)
     with _store_lock(embedded):

@@ -52,6 +52,90 @@ def preprocess(
     preprocess.run(p.data, p.preprocess, raw / p.data.dataset, out, report)
 
 
+@app.command()
+def train(
+    params_file: ParamsFile = PARAMS,
+    data: Annotated[Path, typer.Option(help="folder with train/val .npz and meta.json")] = Path(
+        "data/processed"
+    ),
+    model: Annotated[Path, typer.Option(help="checkpoint, rewritten every epoch")] = Path("models/vae.pt"),
+    run_file: Annotated[Path, typer.Option(help="MLflow run id for later stages (JSON)")] = Path(
+        "models/run.json"
+    ),
+    metrics: Annotated[Path, typer.Option(help="final train/val ELBO, KL, seconds (JSON)")] = Path(
+        "reports/train.json"
+    ),
+    curve: Annotated[Path, typer.Option(help="one row per epoch (CSV)")] = Path("reports/train_curve.csv"),
+) -> None:
+    """Train the VAE; checkpoint every epoch; log curves and sample grids to MLflow."""
+    from vaeops.config import load_params
+    from vaeops.progress import log
+    from vaeops.stages import train
+
+    p = load_params(params_file).train
+    try:
+        train.run(p, train.Paths(data, model, run_file, metrics, curve))
+    except KeyboardInterrupt:
+        log(f"interrupted: {model} holds the last finished epoch; continue with train.resume = true")
+        raise typer.Exit(130) from None
+
+
+@app.command()
+def export(
+    params_file: ParamsFile = PARAMS,
+    model: Annotated[Path, typer.Option(help="checkpoint written by train")] = Path("models/vae.pt"),
+    run_file: Annotated[Path, typer.Option(help="MLflow run of training (JSON)")] = Path("models/run.json"),
+    decoder: Annotated[Path, typer.Option(help="ONNX decoder z → image")] = Path("models/decoder.onnx"),
+    encoder: Annotated[Path, typer.Option(help="ONNX encoder image → mu, logvar")] = Path(
+        "models/encoder.onnx"
+    ),
+    report: Annotated[Path, typer.Option(help="ONNX vs PyTorch parity (JSON)")] = Path(
+        "reports/onnx_parity.json"
+    ),
+) -> None:
+    """Export decoder and encoder to ONNX, prove parity with PyTorch, log and register them in MLflow."""
+    from vaeops.config import load_params
+    from vaeops.stages import export
+
+    p = load_params(params_file)
+    export.run(p.export, p.train.experiment, model, run_file, decoder, encoder, report)
+
+
+@app.command()
+def sample(
+    model: Annotated[Path, typer.Option(help="ONNX decoder written by export")] = Path("models/decoder.onnx"),
+    n: Annotated[int, typer.Option("-n", help="number of images (random z ~ N(0, I))")] = 64,
+    seed: Annotated[int, typer.Option(help="seed of the random latents")] = 0,
+    z_file: Annotated[
+        Path | None, typer.Option(help="decode these latents (.npy, N × latent_dim) instead of random ones")
+    ] = None,
+    fmt: Annotated[
+        str, typer.Option("--format", help="png (a grid) or npy (the N×C×H×W float32 images)")
+    ] = "png",
+    nrow: Annotated[int, typer.Option(help="images per grid row (0 = square-ish)")] = 0,
+    out: Annotated[
+        Path | None, typer.Option("-o", "--out", help="output file [default: samples.<format>]")
+    ] = None,
+) -> None:
+    """Decode latents with the ONNX decoder (onnxruntime only, no torch) to a PNG grid or an .npy array."""
+    from vaeops import sample as sampler
+
+    sampler.run(model, out or Path(f"samples.{fmt}"), n=n, seed=seed, z_file=z_file, fmt=fmt, nrow=nrow)
+
+
+@app.command()
+def ui(
+    port: Annotated[int, typer.Option(help="port to listen on")] = 5000,
+    host: Annotated[str, typer.Option(help="interface; keep 127.0.0.1 unless you mean to share it")] = (
+        "127.0.0.1"
+    ),
+) -> None:
+    """Start the MLflow UI against the project's tracking store (MLFLOW_TRACKING_URI if set)."""
+    from vaeops import ui
+
+    ui.serve(port, host)
+
+
 def main() -> None:
     try:
         app()

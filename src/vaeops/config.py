@@ -46,6 +46,8 @@ class TrainParams(Section):
     momentum: float = Field(0.9, ge=0, lt=1)
     weight_decay: float = Field(0.0, ge=0)
     lr_schedule: Literal["none", "cosine"] = "cosine"
+    lr_min: float = Field(0.0, ge=0, description="where the cosine schedule ends")
+    lr_warmup_steps: int = Field(0, ge=0, description="linear lr warm-up from lr/N to lr")
     beta: float = Field(1.0, ge=0)
     kl_warmup_epochs: int = Field(0, ge=0)
     binarize: bool = False

@@ -1,0 +1,432 @@
+"""train: fit the VAE on data/processed, checkpoint every epoch, log curves and grids to MLflow.
+
+The loop is pytorch/examples vae/main.py without the DataLoader: each split lives in memory as one
+uint8 tensor, every epoch draws a seeded permutation and slices batches, and scaling (or dynamic
+binarization) happens on whole batches. Everything random in epoch e (permutation, binarization,
+the reparameterization noise) is seeded from (seed, e), and the learning rate is a pure function of
+the global step, so the epoch-e checkpoint (weights + optimizer state) is all a resumed run needs to
+replay exactly what an uninterrupted run would have done.
+"""
+
+import csv
+import json
+import math
+import time
+import zipfile
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from vaeops import tracking
+from vaeops.config import TrainParams
+from vaeops.errors import UsageError, WorkError
+from vaeops.figures import grid
+from vaeops.io import atomic_path, write_json
+from vaeops.losses import elbo_terms
+from vaeops.models import VAE, build_model, checkpoint, load_checkpoint, save_checkpoint
+from vaeops.progress import log, step_bar
+from vaeops.stages.preprocess import load_split
+
+CURVE_COLUMNS = [
+    "epoch",
+    "train_elbo",
+    "train_recon",
+    "train_kl",
+    "val_elbo",
+    "val_recon",
+    "val_kl",
+    "lr",
+    "images_per_s",
+]
+# Params that do not change the trained weights may differ between a run and its resumption.
+RESUME_FREE = {"resume", "log_every_steps", "device", "compile", "experiment"}
+# Curve columns → MLflow metric names (DESIGN.md: train/elbo, val/kl, ... in nats per image).
+METRIC_NAMES = {c: c.replace("_", "/", 1) for c in CURVE_COLUMNS[1:7]} | {
+    "lr": "lr",
+    "images_per_s": "images_per_s",
+}
+VAL_BATCH = 1000
+GRID = 8  # samples and reconstructions are 8×8 grids
+
+
+@dataclass
+class Paths:
+    data: Path = Path("data/processed")
+    model: Path = Path("models/vae.pt")
+    run_file: Path = Path("models/run.json")
+    metrics: Path = Path("reports/train.json")
+    curve: Path = Path("reports/train_curve.csv")
+
+
+def load_data(folder: Path) -> tuple[Tensor, Tensor, dict[str, Any]]:
+    """(train uint8 N×C×H×W, val uint8, meta) with the image shape taken from meta.json."""
+    meta_path = folder / "meta.json"
+    if not meta_path.is_file():
+        raise UsageError(f"{meta_path}: missing; run `dvc repro preprocess` first")
+    try:
+        meta = json.loads(meta_path.read_text())
+        shape = tuple(int(d) for d in meta["image_shape"])
+        str(meta["dataset"])
+    except (ValueError, KeyError, TypeError):
+        raise UsageError(f"{meta_path}: expected JSON with 'dataset' and 'image_shape'") from None
+    splits = []
+    for name in ("train", "val"):
+        path = folder / f"{name}.npz"
+        try:
+            x, _ = load_split(path)
+        except (OSError, ValueError, KeyError, zipfile.BadZipFile) as e:
+            raise UsageError(f"{path}: not a readable split ({type(e).__name__}); rerun preprocess") from None
+        if x.dtype != np.uint8 or x.ndim != 4 or tuple(x.shape[1:]) != shape:
+            raise UsageError(
+                f"{path}: images are {x.dtype} {list(x.shape)}, expected uint8 N×{'×'.join(map(str, shape))} "
+                "as meta.json says; rerun preprocess"
+            )
+        splits.append(torch.from_numpy(x))
+    train, val = splits
+    if len(train) < 2:
+        raise UsageError(f"{folder}/train.npz: {len(train)} images; training needs at least 2")
+    if len(val) == 0:
+        raise UsageError(f"{folder}/val.npz: no images; set preprocess.val_size > 0")
+    return train, val, meta
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UsageError("train.device = 'cuda' but no CUDA device is available; use 'auto' or 'cpu'")
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.device(name)
+
+
+def make_optimizer(params: TrainParams, model: torch.nn.Module) -> torch.optim.Optimizer:
+    if params.optimizer == "sgd":
+        return torch.optim.SGD(
+            model.parameters(), lr=params.lr, momentum=params.momentum, weight_decay=params.weight_decay
+        )
+    return torch.optim.Adam(model.parameters(), lr=params.lr, weight_decay=params.weight_decay)
+
+
+def lr_at(step: int, total_steps: int, params: TrainParams) -> float:
+    """Learning rate for global step `step` (0-based): linear warm-up, then constant or cosine to 0."""
+    warm = params.lr_warmup_steps
+    if step < warm:
+        return params.lr * (step + 1) / warm
+    if params.lr_schedule == "cosine":
+        t = (step - warm) / max(1, total_steps - warm)
+        return params.lr_min + (params.lr - params.lr_min) * 0.5 * (1 + math.cos(math.pi * t))
+    return params.lr
+
+
+def beta_at(step: int, warmup_steps: int, beta: float) -> float:
+    """KL weight: linear warm-up from ~0 to beta over the first train.kl_warmup_epochs."""
+    return beta * min(1.0, (step + 1) / warmup_steps) if warmup_steps else beta
+
+
+def epoch_seed(seed: int, epoch: int) -> int:
+    return seed * 1_000_003 + epoch
+
+
+def scale(x: Tensor, binarize: bool, gen: torch.Generator | None) -> Tensor:
+    """uint8 batch → float targets in [0, 1], or a fresh Bernoulli draw of them (dynamic binarization)."""
+    x = x.float().div_(255)
+    return torch.bernoulli(x, generator=gen) if binarize else x
+
+
+@torch.no_grad()
+def evaluate(model: VAE, x: Tensor, autocast: Any) -> tuple[float, float]:
+    """Mean (recon, kl) per image over x (already scaled), single-sample, in eval mode."""
+    was_training = model.training
+    model.eval()
+    sums = torch.zeros(2, device=x.device, dtype=torch.float64)
+    for i in range(0, len(x), VAL_BATCH):
+        xb = x[i : i + VAL_BATCH]
+        with autocast:
+            logits, mu, logvar = model(xb)
+        recon, kl = elbo_terms(logits.float(), xb, mu.float(), logvar.float())
+        sums += torch.stack([recon.sum(), kl.sum()]).double()
+    model.train(was_training)
+    recon, kl = (sums / len(x)).tolist()
+    return recon, kl
+
+
+@torch.no_grad()
+def figures(model: VAE, z: Tensor, images: Tensor) -> tuple[np.ndarray, np.ndarray]:
+    """(8×8 samples decoded from the fixed z, fixed val images in rows above their reconstructions)."""
+    model.eval()
+    samples = model.decode(z).float().cpu().numpy()
+    mu, _ = model.encode(images)
+    recon = model.decode(mu).float()
+    model.train()
+    # Interleave rows: 8 inputs, their 8 reconstructions, the next 8 inputs, ...
+    rows = []
+    for i in range(0, len(images), GRID):
+        rows += [images[i : i + GRID], recon[i : i + GRID]]
+    pairs = torch.cat(rows).cpu().numpy()
+    return grid(samples, GRID), grid(pairs, GRID)
+
+
+def _resume_state(params: TrainParams, path: Path, config: dict[str, Any]) -> dict[str, Any] | None:
+    if not params.resume:
+        return None
+    if not path.exists():
+        log(f"train.resume: {path} does not exist yet, starting from scratch")
+        return None
+    state = load_checkpoint(path)
+    if "optimizer" not in state or "params" not in state:
+        raise UsageError(f"{path}: holds final weights only, no training state to resume from")
+    if state["config"] != config:
+        raise UsageError(
+            f"{path}: was trained with {state['config']}, not {config}; "
+            "set train.resume = false to start over"
+        )
+    now = params.model_dump()
+    for key, value in state["params"].items():
+        if key not in RESUME_FREE and now.get(key) != value:
+            raise UsageError(
+                f"{path}: was trained with train.{key} = {value!r}, now {now.get(key)!r}; resuming would not "
+                "reproduce an uninterrupted run: restore it or set train.resume = false"
+            )
+    return state
+
+
+def _start_run(params: TrainParams, state: dict[str, Any] | None, tags: dict[str, str]) -> Any:
+    import mlflow
+
+    experiment_id = tracking.setup(params.experiment)
+    if state is None:
+        return mlflow.start_run(experiment_id=experiment_id, tags=tracking.run_tags(tags))
+    try:
+        mlflow.get_run(state["run_id"])
+    except Exception:
+        raise UsageError(
+            f"MLflow run {state['run_id']} from the checkpoint is not in the store "
+            f"{tracking.tracking_uri()}; set MLFLOW_TRACKING_URI to the store that recorded it, "
+            "or train.resume = false"
+        ) from None
+    return mlflow.start_run(run_id=state["run_id"])
+
+
+def write_curve(path: Path, curve: list[dict[str, float]]) -> None:
+    with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=CURVE_COLUMNS)
+        writer.writeheader()
+        writer.writerows(curve)
+
+
+class NonFinite(Exception):
+    """Raised inside an epoch; `run` turns it into a WorkError naming the checkpoint it kept."""
+
+    def __init__(self, step: int, what: str) -> None:
+        super().__init__(f"{what} at step {step}")
+        self.step, self.what = step, what
+
+
+@dataclass
+class Loop:
+    """Everything one epoch of training needs (`run` builds it; so does benchmarks/train_speed.py)."""
+
+    params: TrainParams
+    model: VAE
+    opt: torch.optim.Optimizer
+    data: Tensor  # uint8 N×C×H×W, on the training device
+    forward: Any = None  # the model, or its torch.compile'd wrapper
+    autocast: Any = field(default_factory=nullcontext)
+
+    def __post_init__(self) -> None:
+        self.forward = self.forward or self.model
+        # Whole batches only: each epoch's permutation differs, so every image is still visited, and
+        # no trailing batch of one reaches BatchNorm (which cannot train on it).
+        self.batch = min(self.params.batch_size, len(self.data))
+        self.steps = max(1, len(self.data) // self.batch)
+
+
+def make_loop(params: TrainParams, data: Tensor, device: torch.device) -> Loop:
+    cuda = device.type == "cuda"
+    torch.manual_seed(params.seed)
+    model = build_model(params.arch, tuple(data.shape[1:]), params.latent_dim, params.hidden_dim).to(device)
+    return Loop(
+        params,
+        model,
+        make_optimizer(params, model),
+        data.to(device),
+        forward=torch.compile(model) if params.compile and cuda else model,
+        autocast=torch.autocast("cuda", dtype=torch.bfloat16) if params.bf16 and cuda else nullcontext(),
+    )
+
+
+def train_epoch(loop: Loop, epoch: int, bar: Any = None) -> dict[str, Any]:
+    """One pass over a seeded permutation of the data; returns mean recon and KL per image, and more."""
+    p, model, opt, bs = loop.params, loop.model, loop.opt, loop.batch
+    device = loop.data.device
+    total_steps, kl_warmup_steps = loop.steps * p.epochs, loop.steps * p.kl_warmup_epochs
+    # Checking finiteness reads the loss back: free on CPU, a sync on a GPU, so only now and then there.
+    check_every = p.log_every_steps if device.type == "cuda" else 1
+    torch.manual_seed(epoch_seed(p.seed, epoch))
+    gen = torch.Generator(device=device).manual_seed(epoch_seed(p.seed, epoch))
+    perm = torch.randperm(len(loop.data), generator=gen, device=device)
+    sums = torch.zeros(2, device=device)  # summed on the device, read once per epoch
+    step_losses: list[tuple[int, Tensor]] = []
+    task = bar.add_task(f"epoch {epoch}/{p.epochs}", total=loop.steps, info="") if bar else None
+    t0 = time.perf_counter()
+    model.train()
+    for i in range(loop.steps):
+        step = (epoch - 1) * loop.steps + i
+        lr = lr_at(step, total_steps, p)
+        for group in opt.param_groups:
+            group["lr"] = lr
+        x = scale(loop.data[perm[i * bs : (i + 1) * bs]], p.binarize, gen)
+        with loop.autocast:
+            logits, mu, logvar = loop.forward(x)
+        recon, kl = elbo_terms(logits.float(), x, mu.float(), logvar.float())
+        # Mean over the batch of the per-image loss, so the learning rate does not scale with batch size.
+        loss = (recon + beta_at(step, kl_warmup_steps, p.beta) * kl).mean()
+        if (i + 1) % check_every == 0 and not torch.isfinite(loss):
+            raise NonFinite(i + 1, f"loss {loss.item()}")
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if p.grad_clip:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), p.grad_clip)
+        opt.step()
+        sums += torch.stack([recon.sum(), kl.sum()]).detach()
+        if (step + 1) % p.log_every_steps == 0:
+            step_losses.append((step + 1, loss.detach()))
+        if task is not None and i % 20 == 0:
+            ips = (i + 1) * bs / (time.perf_counter() - t0)
+            bar.update(task, completed=i + 1, info=f"loss {loss.item():.2f}  {ips:,.0f} img/s")
+    recon_mean, kl_mean = (sums / (loop.steps * bs)).tolist()
+    seconds = time.perf_counter() - t0
+    if not math.isfinite(recon_mean + kl_mean):
+        raise NonFinite(loop.steps, "the epoch's mean loss")
+    return {
+        "recon": recon_mean,
+        "kl": kl_mean,
+        "lr": lr,
+        "seconds": seconds,
+        "images_per_s": loop.steps * bs / seconds,
+        "step_losses": _unzip(step_losses),
+    }
+
+
+def run(params: TrainParams, paths: Paths) -> dict[str, Any]:
+    import mlflow
+    from mlflow.entities import Metric
+
+    device = resolve_device(params.device)
+    if (params.bf16 or params.compile) and device.type != "cuda":
+        log("train.bf16 / train.compile apply on CUDA only; ignored on cpu")
+    train_u8, val_u8, meta = load_data(paths.data)
+    shape = tuple(int(d) for d in meta["image_shape"])
+    config = {
+        "arch": params.arch,
+        "latent_dim": params.latent_dim,
+        "hidden_dim": params.hidden_dim,
+        "image_shape": list(shape),
+        "dataset": str(meta["dataset"]),
+        "binarize": params.binarize,
+    }
+    state = _resume_state(params, paths.model, config)
+    loop = make_loop(params, train_u8, device)
+    if state is not None:
+        loop.model.load_state_dict(state["model"])
+        loop.opt.load_state_dict(state["optimizer"])
+
+    fixed = torch.Generator(device=device).manual_seed(params.seed)
+    # Validation targets are drawn once, so the val curve compares epochs on the same binarized images.
+    val_x = scale(val_u8.to(device), params.binarize, fixed)
+    z_fixed = torch.randn(GRID * GRID, params.latent_dim, generator=fixed, device=device)
+    shown = val_x[: GRID * GRID // 2]
+    curve: list[dict[str, float]] = list(state["curve"]) if state else []
+    start = int(state["epoch"]) if state else 0
+    seconds = float(state["seconds"]) if state else 0.0
+    kept = start
+
+    def diverged(epoch: int, step: int, what: str) -> WorkError:
+        return WorkError(
+            f"training diverged at epoch {epoch}, step {step}: {what} is not finite; the learning rate is "
+            f"likely too high (train.optimizer = {params.optimizer}, train.lr = {params.lr}): lower "
+            f"train.lr or set train.grad_clip; {paths.model} keeps "
+            + (f"epoch {kept}, the last good one" if kept else "nothing (no epoch finished)")
+        )
+
+    with _start_run(params, state, {"dataset": config["dataset"], "arch": params.arch}) as mlrun:
+        run_id = mlrun.info.run_id
+        if state is None:
+            mlflow.log_params(
+                tracking.flatten({"train": params.model_dump(), "data": {"dataset": config["dataset"]}})
+                | {"data.image_shape": "x".join(map(str, shape)), "data.train_images": len(train_u8)}
+            )
+        else:
+            log(f"resuming MLflow run {run_id} after epoch {start} of {params.epochs}")
+        tracking.write_run_file(paths.run_file, run_id, mlrun.info.experiment_id)
+        client = mlflow.MlflowClient()
+
+        for epoch in range(start + 1, params.epochs + 1):
+            t0 = time.perf_counter()
+            try:
+                with step_bar() as bar:
+                    ep = train_epoch(loop, epoch, None if bar.disable else bar)
+            except NonFinite as e:
+                raise diverged(epoch, e.step, e.what) from None
+            val_recon, val_kl = evaluate(loop.model, val_x, loop.autocast)
+            if not math.isfinite(val_recon + val_kl):
+                raise diverged(epoch, loop.steps, "the validation loss")
+            row = {
+                "epoch": epoch,
+                "train_elbo": -(ep["recon"] + ep["kl"]),
+                "train_recon": ep["recon"],
+                "train_kl": ep["kl"],
+                "val_elbo": -(val_recon + val_kl),
+                "val_recon": val_recon,
+                "val_kl": val_kl,
+                "lr": ep["lr"],
+                "images_per_s": ep["images_per_s"],
+            }
+            curve.append(row)
+
+            # MLflow before the checkpoint: an interrupt in between replays this epoch and logs the
+            # same values again, rather than leaving a hole in the curves.
+            now = int(time.time() * 1000)
+            metrics = [Metric(METRIC_NAMES[k], v, now, epoch) for k, v in row.items() if k != "epoch"]
+            metrics += [Metric("train/loss", v, now, s) for s, v in zip(*ep["step_losses"], strict=True)]
+            client.log_batch(run_id, metrics=metrics)
+            samples, recons = figures(loop.model, z_fixed, shown)
+            tracking.log_image(samples, f"samples/epoch_{epoch:03d}.png")
+            tracking.log_image(recons, f"reconstructions/epoch_{epoch:03d}.png")
+
+            seconds += time.perf_counter() - t0
+            extra = {"optimizer": loop.opt.state_dict(), "params": params.model_dump(), "curve": curve}
+            save_checkpoint(
+                paths.model,
+                checkpoint(loop.model, config, run_id=run_id, epoch=epoch, seconds=seconds, **extra),
+            )
+            kept = epoch
+            write_curve(paths.curve, curve)
+            log(
+                f"epoch {epoch}/{params.epochs}  train -elbo {-row['train_elbo']:.2f} "
+                f"(recon {ep['recon']:.2f}, kl {ep['kl']:.2f})  val -elbo {-row['val_elbo']:.2f}  "
+                f"lr {ep['lr']:.2e}  {ep['images_per_s']:,.0f} img/s  {time.perf_counter() - t0:.1f} s"
+            )
+
+        write_curve(paths.curve, curve)
+        last = curve[-1]
+        summary = {
+            "train": {k: last[f"train_{k}"] for k in ("elbo", "recon", "kl")},
+            "val": {k: last[f"val_{k}"] for k in ("elbo", "recon", "kl")},
+            "epochs": int(last["epoch"]),
+            "seconds": round(seconds, 2),
+        }
+        mlflow.log_metric("train/seconds", seconds)
+        write_json(paths.metrics, summary)
+    return summary
+
+
+def _unzip(pairs: list[tuple[int, Tensor]]) -> tuple[list[int], list[float]]:
+    if not pairs:
+        return [], []
+    steps, values = zip(*pairs, strict=True)
+    return list(steps), torch.stack(values).tolist()

@@ -81,6 +81,25 @@ def train(
 
 
 @app.command()
+def evaluate(
+    params_file: ParamsFile = PARAMS,
+    data: Annotated[Path, typer.Option(help="folder with test.npz and meta.json")] = Path("data/processed"),
+    model: Annotated[Path, typer.Option(help="checkpoint written by train")] = Path("models/vae.pt"),
+    run_file: Annotated[Path, typer.Option(help="MLflow run of training (JSON)")] = Path("models/run.json"),
+    metrics: Annotated[Path, typer.Option(help="test ELBO, IWAE log p(x), bits/dim, ... (JSON)")] = Path(
+        "reports/metrics.json"
+    ),
+    figures: Annotated[Path, typer.Option(help="folder for the PNG figures")] = Path("reports/figures"),
+) -> None:
+    """Test-set ELBO, IWAE log-likelihood, bits/dim, active units, per-class ELBO, and figures."""
+    from vaeops.config import load_params
+    from vaeops.stages import evaluate
+
+    p = load_params(params_file)
+    evaluate.run(p.train, p.evaluate, data, model, run_file, metrics, figures)
+
+
+@app.command()
 def export(
     params_file: ParamsFile = PARAMS,
     model: Annotated[Path, typer.Option(help="checkpoint written by train")] = Path("models/vae.pt"),

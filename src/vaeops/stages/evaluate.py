@@ -1,0 +1,316 @@
+"""evaluate: test-set numbers (ELBO terms, IWAE log-likelihood, bits/dim, active units, per-class ELBO)
+and the figures that show what the VAE learned; into reports/ and into the training run in MLflow.
+
+Everything random is drawn from generators seeded by `evaluate.seed`, one per purpose, so the same
+checkpoint gives the same numbers twice, and changing k does not move the single-sample ELBO.
+"""
+
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from vaeops import figures, losses, tracking
+from vaeops.config import EvaluateParams, TrainParams
+from vaeops.errors import UsageError, WorkError
+from vaeops.io import write_json
+from vaeops.models import VAE, load_checkpoint, model_from_checkpoint
+from vaeops.progress import log
+from vaeops.stages.preprocess import load_split
+
+ACTIVE_VAR = 0.01  # Burda et al. 2015: a unit is active if Var_x(E_q[z_u|x]) > 0.01
+ELBO_BATCH = 1000
+TRAVERSAL_VALUES = np.linspace(-3, 3, 11)
+INTERPOLATION_STEPS = 10
+MANIFOLD_SIZE = 20
+# Offsets of the per-purpose generators from evaluate.seed.
+SEED_BINARIZE, SEED_ELBO, SEED_IWAE, SEED_PRIOR, SEED_PICK = range(5)
+
+
+def _generator(seed: int, device: torch.device) -> torch.Generator:
+    return torch.Generator(device=device).manual_seed(seed)
+
+
+def _device(name: str) -> torch.device:
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UsageError("evaluate.device = 'cuda' but no CUDA device is available; use 'auto' or 'cpu'")
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.device(name)
+
+
+def check_checkpoint(state: dict[str, Any], train: TrainParams, model_path: Path) -> dict[str, Any]:
+    """The checkpoint's config, after checking it is the model params.yaml describes."""
+    cfg = state.get("config") if isinstance(state, dict) else None
+    missing = [k for k in ("arch", "latent_dim", "hidden_dim", "image_shape") if k not in (cfg or {})]
+    if missing or "model" not in state:
+        raise UsageError(f"{model_path}: not a vaeops checkpoint (missing {', '.join(missing) or 'model'})")
+    for key in ("arch", "latent_dim", "binarize"):
+        ours, theirs = getattr(train, key), cfg.get(key, False)
+        if ours != theirs:
+            raise UsageError(
+                f"{model_path} was trained with train.{key} = {theirs!r} but params say train.{key} = "
+                f"{ours!r}; run `dvc repro train` (or set train.{key} back to {theirs!r})"
+            )
+    return cfg
+
+
+def _read_meta(data_dir: Path, cfg: dict[str, Any]) -> list[str]:
+    path = data_dir / "meta.json"
+    if not path.is_file():
+        raise UsageError(f"{path}: missing; run `dvc repro preprocess` first")
+    meta = json.loads(path.read_text())
+    if list(meta["image_shape"]) != list(cfg["image_shape"]):
+        raise UsageError(
+            f"{path}: images are {meta['image_shape']} but the checkpoint expects {cfg['image_shape']}"
+        )
+    if cfg.get("dataset", meta["dataset"]) != meta["dataset"]:
+        raise UsageError(
+            f"{path}: test data is {meta['dataset']!r} but the checkpoint was trained on {cfg['dataset']!r}"
+        )
+    return [str(c) for c in meta["classes"]]
+
+
+@torch.inference_mode()
+def elbo_pass(model: VAE, x: Tensor, seed: int) -> dict[str, Tensor]:
+    """Single-sample ELBO terms and the encoder's mean per image, in batches."""
+    gen = _generator(seed, x.device)
+    out: dict[str, list[Tensor]] = {"recon": [], "kl": [], "mu": []}
+    for xb in x.split(ELBO_BATCH):
+        mu, logvar = model.encode(xb)
+        eps = torch.randn(mu.shape, generator=gen, device=x.device, dtype=mu.dtype)
+        z = mu + eps * torch.exp(0.5 * logvar)
+        recon, kl = losses.elbo_terms(model.decode_logits(z), xb, mu, logvar)
+        for name, t in (("recon", recon), ("kl", kl), ("mu", mu)):
+            out[name].append(t)
+    return {name: torch.cat(ts) for name, ts in out.items()}
+
+
+@torch.inference_mode()
+def iwae(model: VAE, x: Tensor, k: int, max_decoded: int, seed: int) -> Tensor:
+    """log p(x) estimates per image with k importance samples, at most `max_decoded` decodes at once.
+
+    Images are batched so one chunk covers all k samples of a few images when it fits: fewer, bigger
+    decoder calls over n×B latents.
+    """
+    gen = _generator(seed, x.device)
+    batch = max(1, min(len(x), max_decoded // k))
+    chunk = max(1, max_decoded // batch)
+    return torch.cat([losses.iwae_log_px(model, xb, k, chunk, generator=gen) for xb in x.split(batch)])
+
+
+def active_units(mu: Tensor) -> tuple[int, Tensor]:
+    """(count of dims with Var_x(E_q[z|x]) > ACTIVE_VAR, per-dim variances)."""
+    var = mu.double().var(0, correction=0)
+    return int((var > ACTIVE_VAR).sum()), var
+
+
+def pca_2d(mu: np.ndarray) -> tuple[np.ndarray, list[str]]:
+    """Project latent means to 2-D: PCA above 2 dims; axis labels say what each axis is."""
+    d = mu.shape[1]
+    if d == 1:
+        jitter = np.random.default_rng(0).uniform(-1, 1, len(mu))
+        return np.stack([mu[:, 0], jitter], 1), ["z0", "random jitter (1-D latent)"]
+    if d == 2:
+        return mu, ["z0", "z1"]
+    centred = mu - mu.mean(0)
+    _, s, vt = np.linalg.svd(centred, full_matrices=False)
+    share = s**2 / (s**2).sum()
+    # Fix each component's sign so the picture does not flip between runs or platforms.
+    vt = vt[:2] * np.sign(vt[:2, np.abs(vt[:2]).argmax(1)].diagonal())[:, None]
+    return centred @ vt.T, [f"PC{i + 1} ({share[i]:.0%} of latent variance)" for i in range(2)]
+
+
+@torch.inference_mode()
+def make_figures(
+    model: VAE,
+    x: Tensor,
+    labels: np.ndarray,
+    classes: list[str],
+    stats: dict[str, Tensor],
+    variances: Tensor,
+    params: EvaluateParams,
+) -> dict[str, np.ndarray]:
+    """name → H×W×3 uint8 picture. x: the test images as [0, 1] floats (continuous, for display)."""
+    dev, d = x.device, model.latent_dim
+    shape = model.image_shape
+    pics: dict[str, np.ndarray] = {}
+
+    def show(t: Tensor) -> np.ndarray:
+        return t.float().cpu().numpy()
+
+    z = torch.randn(64, d, generator=_generator(params.seed + SEED_PRIOR, dev), device=dev)
+    pics["samples"] = figures.labelled_grid(
+        show(model.decode(z)), 8, "Samples from the prior", "decoder means at 64 draws of z ~ N(0, I)"
+    )
+
+    inputs = x[:32]
+    recon = model.decode(model.encode(inputs)[0])
+    rows = torch.stack([inputs.view(4, 8, *shape), recon.view(4, 8, *shape)], 1).flatten(0, 2)
+    pics["reconstructions"] = figures.labelled_grid(
+        show(rows),
+        8,
+        "Reconstructions",
+        "each test image above its reconstruction (decoder mean at E_q[z|x])",
+        row_labels=["test image", "reconstruction"] * 4,
+    )
+
+    # Pairs of test images from different classes, so the path crosses between digits.
+    rng = np.random.default_rng(params.seed + SEED_PICK)
+    pairs: list[tuple[int, int]] = []
+    while len(pairs) < params.interpolation_pairs:
+        a, b = (int(i) for i in rng.choice(len(x), 2, replace=False))
+        if labels[a] != labels[b] or len(set(labels.tolist())) == 1:
+            pairs.append((a, b))
+    a_idx, b_idx = [p[0] for p in pairs], [p[1] for p in pairs]
+    mu = stats["mu"]
+    t = torch.linspace(0, 1, INTERPOLATION_STEPS, device=dev)[None, :, None]
+    path = mu[a_idx][:, None] * (1 - t) + mu[b_idx][:, None] * t  # pairs × steps × d
+    decoded = model.decode(path.flatten(0, 1)).view(len(pairs), INTERPOLATION_STEPS, *shape)
+    rows = torch.cat([x[a_idx][:, None], decoded, x[b_idx][:, None]], 1).flatten(0, 1)
+    pics["interpolations"] = figures.labelled_grid(
+        show(rows),
+        INTERPOLATION_STEPS + 2,
+        "Latent interpolations",
+        "test image, decoded straight line between the two latent means, test image",
+        row_labels=[f"{classes[labels[a]]} to {classes[labels[b]]}" for a, b in pairs],
+    )
+
+    # Traversals: the most active dims, each swept over the prior's ±3σ from the first test image's code.
+    dims = variances.argsort(descending=True)[: min(params.traversal_dims, d)].tolist()
+    values = torch.tensor(TRAVERSAL_VALUES, dtype=mu.dtype, device=dev)
+    codes = mu[0].repeat(len(dims), len(values), 1)
+    for r, dim in enumerate(dims):
+        codes[r, :, dim] = values
+    decoded = model.decode(codes.flatten(0, 1))
+    pics["traversals"] = figures.labelled_grid(
+        show(decoded),
+        len(values),
+        "Latent traversals (most active dims first)",
+        f"one latent set to {TRAVERSAL_VALUES[0]:g} … {TRAVERSAL_VALUES[-1]:g} left to right, "
+        "the rest fixed at a test image's code",
+        row_labels=[f"z{dim}  var {variances[dim]:.2f}" for dim in dims],
+    )
+
+    points, axes = pca_2d(mu.double().cpu().numpy())
+    how = "" if d <= 2 else f" (PCA of the {d}-D means)"
+    pics["latent_map"] = figures.latent_map(
+        points, labels, classes, axes[0], axes[1], f"Test-set latent means E_q[z|x]{how}"
+    )
+
+    elbo = -(stats["recon"] + stats["kl"]).cpu().numpy()
+    worst = np.argsort(elbo, kind="stable")[:10]
+    pics["elbo_hist"] = figures.elbo_histogram(
+        elbo,
+        show(x[torch.from_numpy(worst).to(dev)]),
+        elbo[worst],
+        f"Per-image ELBO on the {len(elbo)} test images",
+    )
+
+    if d == 2:
+        from statistics import NormalDist
+
+        # Kingma & Welling fig. 4: grid over the prior's quantiles, so each tile covers equal mass.
+        grid_z = np.array([NormalDist().inv_cdf(p) for p in np.linspace(0.05, 0.95, MANIFOLD_SIZE)])
+        z1, z0 = np.meshgrid(grid_z[::-1], grid_z, indexing="ij")  # top row = highest z1
+        zz = torch.tensor(np.stack([z0.ravel(), z1.ravel()], 1), dtype=torch.float32, device=dev)
+        pics["manifold"] = figures.manifold(
+            show(model.decode(zz)), grid_z, "Decoded 2-D latent manifold (prior quantiles 5%–95%)"
+        )
+    return pics
+
+
+def run(
+    train: TrainParams,
+    params: EvaluateParams,
+    data_dir: Path,
+    model_path: Path,
+    run_file: Path,
+    metrics_path: Path,
+    figures_dir: Path,
+) -> dict[str, Any]:
+    """Evaluate the checkpoint on the test split; returns the metrics (plus "timings" in seconds)."""
+    state = load_checkpoint(model_path)
+    cfg = check_checkpoint(state, train, model_path)
+    tracking.read_run_id(run_file)  # fail now, not after minutes of IWAE
+    classes = _read_meta(data_dir, cfg)
+    images, labels = load_split(data_dir / "test.npz")
+    if len(images) == 0:
+        raise UsageError(f"{data_dir / 'test.npz'}: no test images")
+    device = _device(params.device)
+    model = model_from_checkpoint(state).to(device)
+    timings: dict[str, float] = {}
+
+    x = torch.from_numpy(images).to(device).float() / 255
+    target = x
+    if cfg.get("binarize", False):
+        # Once, with a fixed seed: the test set is then a fixed binary set, as in the IWAE literature.
+        gen = _generator(params.seed + SEED_BINARIZE, device)
+        target = (torch.rand(x.shape, generator=gen, device=device) < x).float()
+
+    start = time.perf_counter()
+    stats = elbo_pass(model, target, params.seed + SEED_ELBO)
+    elbo = -(stats["recon"] + stats["kl"])
+    if not torch.isfinite(elbo).all():
+        raise WorkError(f"{model_path}: the ELBO is not finite on some test images (diverged model?)")
+    timings["elbo"] = time.perf_counter() - start
+
+    n_iwae = len(x) if params.iwae_images == 0 else min(params.iwae_images, len(x))
+    subset = np.sort(np.random.default_rng(params.seed + SEED_PICK).permutation(len(x))[:n_iwae])
+    log(f"IWAE: k={params.iwae_samples} on {n_iwae} test images ({device.type})")
+    start = time.perf_counter()
+    idx = torch.from_numpy(subset).to(device)
+    log_px = iwae(model, target[idx], params.iwae_samples, params.iwae_batch, params.seed + SEED_IWAE)
+    timings["iwae"] = time.perf_counter() - start
+
+    n_active, variances = active_units(stats["mu"])
+    dim = math.prod(cfg["image_shape"])
+    by_class = {
+        name: round(float(elbo[torch.from_numpy(labels == i).to(device)].mean()), 4)
+        for i, name in enumerate(classes)
+        if (labels == i).any()
+    }
+    test = {
+        "elbo": float(elbo.mean()),
+        "recon": float(stats["recon"].mean()),
+        "kl": float(stats["kl"].mean()),
+        "log_px_iwae": float(log_px.mean()),
+        "bpd": float(-log_px.mean() / (dim * math.log(2))),
+        "active_units": n_active,
+        "elbo_iwae_images": float(elbo[idx].mean()),  # the ELBO on the IWAE subset, to read the gap
+        "iwae_k": params.iwae_samples,
+        "iwae_images": n_iwae,
+        "images": len(x),
+    }
+    metrics = {"test": {k: round(v, 4) if isinstance(v, float) else v for k, v in test.items()}}
+    metrics["test"]["elbo_by_class"] = by_class
+
+    start = time.perf_counter()
+    pics = make_figures(model, x, labels, classes, stats, variances.float(), params)
+    timings["figures"] = time.perf_counter() - start
+
+    import mlflow
+
+    with tracking.resume_run(run_file, train.experiment):
+        mlflow.log_metrics({k.replace(".", "/"): v for k, v in tracking.flatten(metrics).items()})
+        for name, pic in pics.items():
+            tracking.log_image(pic, f"evaluate/{name}.png")
+    write_json(metrics_path, metrics)
+    for name, pic in pics.items():
+        figures.save_png(figures_dir / f"{name}.png", pic)
+    if "manifold" not in pics:  # a stale grid from an earlier 2-D model would mislead
+        (figures_dir / "manifold.png").unlink(missing_ok=True)
+
+    t = metrics["test"]
+    log(
+        f"test: elbo {t['elbo']:.2f}  recon {t['recon']:.2f}  kl {t['kl']:.2f}  "
+        f"log p(x) ≥ {t['log_px_iwae']:.2f} (k={params.iwae_samples})  {t['bpd']:.4f} bits/dim  "
+        f"{n_active}/{cfg['latent_dim']} active units"
+    )
+    log("time: " + "  ".join(f"{k} {v:.1f}s" for k, v in timings.items()))
+    return {**metrics, "timings": timings}

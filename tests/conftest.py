@@ -78,3 +78,61 @@ def tree(folder: Path) -> dict[str, bytes]:
     if not folder.exists():
         return {}
     return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def tiny_vae(
+    arch: str, image_shape: tuple[int, int, int], latent_dim: int, hidden_dim: int = 32, seed: int = 0
+):
+    """A small eval-mode VAE whose BatchNorm layers hold non-trivial affine params and running stats."""
+    import torch
+
+    from vaeops.models import build_model
+
+    torch.manual_seed(seed)
+    model = build_model(arch, image_shape, latent_dim, hidden_dim)
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm1d):
+            torch.nn.init.uniform_(m.weight, 0.5, 1.5)
+            torch.nn.init.uniform_(m.bias, -0.2, 0.2)
+    model.train()
+    with torch.no_grad():
+        for _ in range(3):  # training-mode passes move the BatchNorm running mean/var off 0/1
+            model(torch.rand(16, *image_shape))
+    return model.eval()
+
+
+def tiny_checkpoint(folder: Path, arch: str, image_shape: tuple[int, int, int], latent_dim: int) -> str:
+    """models/vae.pt + models/run.json under folder, as train writes them, in the MLflow store that
+    tracking.setup() picks for the current environment; returns the run id."""
+    import mlflow
+
+    from vaeops import models, tracking
+
+    model = tiny_vae(arch, image_shape, latent_dim)
+    experiment_id = tracking.setup("vaeops")
+    with mlflow.start_run(experiment_id=experiment_id) as run:
+        run_id = run.info.run_id
+    tracking.write_run_file(folder / "models/run.json", run_id, experiment_id)
+    config = {
+        "arch": arch,
+        "latent_dim": latent_dim,
+        "hidden_dim": 32,
+        "image_shape": list(image_shape),
+        "dataset": "mnist",
+        "binarize": False,
+    }
+    models.save_checkpoint(folder / "models/vae.pt", models.checkpoint(model, config, run_id=run_id, epoch=1))
+    return run_id
+
+
+def isolate_mlflow(mp: pytest.MonkeyPatch, folder: Path) -> None:
+    """Run in `folder` with MLflow's embedded store there.
+
+    mlflow.set_tracking_uri() (called by tracking.setup) exports MLFLOW_TRACKING_URI into os.environ;
+    setting it through `mp` first makes `mp` remove it again on undo, so no test inherits this store.
+    """
+    mp.chdir(folder)
+    mp.delenv("VAEOPS_PROJECT_ROOT", raising=False)
+    for var in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI"):
+        mp.setenv(var, "unset")
+        mp.delenv(var)

@@ -1,0 +1,214 @@
+"""export: real torch.onnx export, real onnxruntime, real MLflow (temp SQLite store + registry)."""
+
+import inspect
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+import yaml
+from conftest import ROOT, isolate_mlflow, run_cli, tiny_checkpoint, tree
+
+from vaeops import cli, tracking
+from vaeops.config import ExportParams
+from vaeops.errors import UsageError
+from vaeops.models import load_checkpoint, model_from_checkpoint
+from vaeops.stages import export
+
+# conv gets an odd image size so both ConvTranspose layers need output_padding; mlp a 32-wide latent
+# (what `dvc exp run -S train.latent_dim=32` would feed the export).
+SHAPES = {"mlp": ((1, 28, 28), 32), "conv": ((1, 13, 15), 5)}
+
+
+@dataclass
+class Exported:
+    folder: Path
+    arch: str
+    image_shape: tuple[int, int, int]
+    latent_dim: int
+    run_id: str
+    uri: str
+    result: dict
+
+
+def outputs(folder: Path) -> list[Path]:
+    return [
+        folder / "models/decoder.onnx",
+        folder / "models/encoder.onnx",
+        folder / "reports/onnx_parity.json",
+    ]
+
+
+@pytest.fixture(scope="module", params=sorted(SHAPES))
+def exported(request, tmp_path_factory):
+    """One real export per arch, shared by the tests below (an export costs a few seconds)."""
+    arch = request.param
+    image_shape, latent_dim = SHAPES[arch]
+    folder = tmp_path_factory.mktemp(f"export-{arch}")
+    with pytest.MonkeyPatch.context() as mp:
+        isolate_mlflow(mp, folder)
+        run_id = tiny_checkpoint(folder, arch, image_shape, latent_dim)
+        result = export.run(
+            ExportParams(), "vaeops", Path("models/vae.pt"), Path("models/run.json"), *outputs(folder)
+        )
+        yield Exported(folder, arch, image_shape, latent_dim, run_id, tracking.tracking_uri(), result)
+
+
+def reference_model(ex: Exported) -> torch.nn.Module:
+    return model_from_checkpoint(load_checkpoint(ex.folder / "models/vae.pt"))
+
+
+def test_parity_report_within_1e5(exported):
+    report = json.loads((exported.folder / "reports/onnx_parity.json").read_text())
+    assert report["arch"] == exported.arch and report["opset"] == 18
+    assert set(report["decoder"]["cases"]) == {"batch_1", "batch_512", "extreme_z"}
+    assert set(report["encoder"]["cases"]) == {"batch_1", "batch_512"}
+    for name in ("decoder", "encoder"):
+        assert report[name]["max_abs_diff"] <= 1e-5
+        assert report[name]["tolerance_ratio"] <= 1
+        # The checks compared real numbers, not two copies of the same array.
+        assert report[name]["max_abs_diff"] > 0 or exported.arch == "mlp"
+
+
+def test_dynamic_batch_and_exact_shapes(exported):
+    model = reference_model(exported)
+    c, h, w = exported.image_shape
+    d = exported.latent_dim
+    dec = ort.InferenceSession(
+        str(exported.folder / "models/decoder.onnx"), providers=["CPUExecutionProvider"]
+    )
+    enc = ort.InferenceSession(
+        str(exported.folder / "models/encoder.onnx"), providers=["CPUExecutionProvider"]
+    )
+    assert [(i.name, i.shape) for i in dec.get_inputs()] == [("z", ["batch", d])]
+    assert [(o.name, o.shape) for o in dec.get_outputs()] == [("image", ["batch", c, h, w])]
+    assert [(i.name, i.shape) for i in enc.get_inputs()] == [("image", ["batch", c, h, w])]
+    assert [(o.name, o.shape) for o in enc.get_outputs()] == [("mu", ["batch", d]), ("logvar", ["batch", d])]
+
+    rng = np.random.default_rng(1)
+    for n in (1, 3, 257):
+        z = rng.standard_normal((n, d), dtype=np.float32)
+        (images,) = dec.run(None, {"z": z})
+        assert images.shape == (n, c, h, w)
+        with torch.inference_mode():
+            np.testing.assert_allclose(
+                images, model.decode(torch.from_numpy(z)).numpy(), atol=1e-5, rtol=1e-5
+            )
+        mu, logvar = enc.run(None, {"image": images})
+        assert mu.shape == logvar.shape == (n, d)
+        with torch.inference_mode():
+            ref_mu, ref_logvar = model.encode(torch.from_numpy(images))
+        np.testing.assert_allclose(mu, ref_mu.numpy(), atol=1e-5, rtol=1e-5)
+        np.testing.assert_allclose(logvar, ref_logvar.numpy(), atol=1e-5, rtol=1e-5)
+
+
+def test_graph_is_clean_and_checked(exported):
+    proto = onnx.load(exported.folder / "models/decoder.onnx")
+    onnx.checker.check_model(proto, full_check=True)
+    assert proto.opset_import[0].version == 18
+    ops = {n.op_type for n in proto.graph.node}
+    # eval-mode BatchNorm is folded away: no batch statistics can sneak into the deployed graph.
+    assert "BatchNormalization" not in ops
+    assert ("ConvTranspose" in ops) == (exported.arch == "conv")
+
+
+def test_metadata(exported):
+    for name, inputs, outs in (("decoder", ["z"], ["image"]), ("encoder", ["image"], ["mu", "logvar"])):
+        session = ort.InferenceSession(
+            str(exported.folder / f"models/{name}.onnx"), providers=["CPUExecutionProvider"]
+        )
+        meta = session.get_modelmeta().custom_metadata_map
+        assert int(meta["latent_dim"]) == exported.latent_dim
+        assert json.loads(meta["image_shape"]) == list(exported.image_shape)
+        assert meta["dataset"] == "mnist" and meta["arch"] == exported.arch
+        assert meta["mlflow_run_id"] == exported.run_id
+        assert meta["git_commit"]
+        assert json.loads(meta["input_names"]) == inputs and json.loads(meta["output_names"]) == outs
+        assert meta["created_by"].startswith("vaeops ")
+        assert "[0, 1]" in session.get_modelmeta().description
+
+
+def test_mlflow_run_and_registry(exported):
+    client = mlflow.MlflowClient(tracking_uri=exported.uri, registry_uri=exported.uri)
+    metrics = client.get_run(exported.run_id).data.metrics
+    report = json.loads((exported.folder / "reports/onnx_parity.json").read_text())
+    for name in ("decoder", "encoder"):
+        assert metrics[f"onnx/{name}_max_abs_diff"] == pytest.approx(report[name]["max_abs_diff"])
+        assert f"onnx/{name}_max_rel_diff" in metrics
+
+    versions = client.search_model_versions("name = 'vaeops-decoder'")
+    assert [v.run_id for v in versions] == [exported.run_id]
+    assert exported.result["registered_model"] == {
+        "name": "vaeops-decoder",
+        "version": int(versions[0].version),
+    }
+
+    # The registered model is the exported decoder: load it back through MLflow and decode.
+    source = client.get_model_version_download_uri("vaeops-decoder", versions[0].version)
+    loaded = mlflow.pyfunc.load_model(source)
+    sig = loaded.metadata.signature
+    assert sig.inputs.input_names() == ["z"] and sig.outputs.input_names() == ["image"]
+    z = np.random.default_rng(2).standard_normal((4, exported.latent_dim), dtype=np.float32)
+    dec = ort.InferenceSession(
+        str(exported.folder / "models/decoder.onnx"), providers=["CPUExecutionProvider"]
+    )
+    np.testing.assert_array_equal(loaded.predict({"z": z})["image"], dec.run(None, {"z": z})[0])
+
+
+@pytest.fixture
+def project(tmp_path, monkeypatch):
+    """A project folder with a conv checkpoint, a run file and an isolated embedded MLflow store."""
+    isolate_mlflow(monkeypatch, tmp_path)
+    shutil.copy(ROOT / "params.yaml", tmp_path / "params.yaml")
+    tiny_checkpoint(tmp_path, "conv", (1, 12, 12), 4)
+    return tmp_path
+
+
+def test_parity_failure_exits_1_and_keeps_previous_models(project):
+    # A previous export's files: after the failed run they must be byte-for-byte the same.
+    (project / "models/decoder.onnx").write_bytes(b"previous decoder")
+    (project / "models/encoder.onnx").write_bytes(b"previous encoder")
+    (project / "reports").mkdir()
+    (project / "reports/onnx_parity.json").write_text("{}\n")
+    before = tree(project / "models") | tree(project / "reports")
+
+    env = {"VAEOPS_EXPORT__ATOL": "1e-30", "VAEOPS_EXPORT__RTOL": "1e-30"}
+    res = run_cli("export", cwd=project, env=env)
+    assert res.returncode == 1, res.stderr
+    last = res.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: ") and "parity failed" in last and "× the allowed" in last
+    assert "Traceback" not in res.stderr
+    assert tree(project / "models") | tree(project / "reports") == before  # no temp files either
+
+    client = mlflow.MlflowClient(tracking_uri=tracking.tracking_uri())
+    assert client.search_registered_models() == []
+
+
+def test_missing_inputs_are_usage_errors(project):
+    os.remove(project / "models/run.json")
+    with pytest.raises(UsageError, match="run.json: missing"):
+        export.run(
+            ExportParams(), "vaeops", Path("models/vae.pt"), Path("models/run.json"), *outputs(project)
+        )
+    res = run_cli("export", "--model", "models/nope.pt", cwd=project)
+    assert res.returncode == 2 and "nope.pt: checkpoint not found" in res.stderr
+    assert not (project / "models/decoder.onnx").exists()
+
+
+def test_dvc_stage_reads_exactly_what_it_declares():
+    stage = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]["export"]
+    assert stage["cmd"] == "vaeops export"
+    assert {"models/vae.pt", "models/run.json", "src/vaeops/stages/export.py"} <= set(stage["deps"])
+    assert stage["params"] == ["export", "train.experiment"]
+    assert stage["outs"] == ["models/decoder.onnx", "models/encoder.onnx"]
+    assert stage["metrics"] == [{"reports/onnx_parity.json": {"cache": False}}]
+    # The only train key the stage code touches is the experiment name.
+    source = (ROOT / "src/vaeops/stages/export.py").read_text() + inspect.getsource(cli.export)
+    assert "p.train.experiment" in source and "train." not in source.replace("p.train.experiment", "")

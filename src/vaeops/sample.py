@@ -19,13 +19,19 @@ FORMATS = ("png", "npy")
 CHUNK = 1024  # latents per onnxruntime call: bounds memory for large -n
 
 
+def session_options() -> ort.SessionOptions:
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3  # errors only: the CLI reports problems itself
+    return opts
+
+
 def load_decoder(path: Path) -> ort.InferenceSession:
     if not path.is_file():
         raise UsageError(f"{path}: decoder not found; run `vaeops export` (or `dvc repro export`) first")
-    opts = ort.SessionOptions()
-    opts.log_severity_level = 3  # errors only: the CLI reports problems itself
     try:
-        session = ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])
+        session = ort.InferenceSession(
+            str(path), sess_options=session_options(), providers=["CPUExecutionProvider"]
+        )
     except Exception as e:
         reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
         raise UsageError(f"{path}: not a loadable ONNX model ({reason})") from None

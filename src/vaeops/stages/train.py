@@ -349,8 +349,8 @@ def run(params: TrainParams, paths: Paths) -> dict[str, Any]:
         return WorkError(
             f"training diverged at epoch {epoch}, step {step}: {what} is not finite; the learning rate is "
             f"likely too high (train.optimizer = {params.optimizer}, train.lr = {params.lr}): lower "
-            f"train.lr or set train.grad_clip; {paths.model} keeps "
-            + (f"epoch {kept}, the last good one" if kept else "nothing (no epoch finished)")
+            f"train.lr or set train.grad_clip; "
+            + (f"{paths.model} keeps epoch {kept}, the last good one" if kept else f"{paths.model} untouched")
         )
 
     with _start_run(params, state, {"dataset": config["dataset"], "arch": params.arch}) as mlrun:
@@ -362,7 +362,6 @@ def run(params: TrainParams, paths: Paths) -> dict[str, Any]:
             )
         else:
             log(f"resuming MLflow run {run_id} after epoch {start} of {params.epochs}")
-        tracking.write_run_file(paths.run_file, run_id, mlrun.info.experiment_id)
         client = mlflow.MlflowClient()
 
         for epoch in range(start + 1, params.epochs + 1):
@@ -404,6 +403,8 @@ def run(params: TrainParams, paths: Paths) -> dict[str, Any]:
                 paths.model,
                 checkpoint(loop.model, config, run_id=run_id, epoch=epoch, seconds=seconds, **extra),
             )
+            # The run file follows the checkpoint, so the two always name the same run.
+            tracking.write_run_file(paths.run_file, run_id, mlrun.info.experiment_id)
             kept = epoch
             write_curve(paths.curve, curve)
             log(
@@ -413,6 +414,7 @@ def run(params: TrainParams, paths: Paths) -> dict[str, Any]:
             )
 
         write_curve(paths.curve, curve)
+        tracking.write_run_file(paths.run_file, run_id, mlrun.info.experiment_id)
         last = curve[-1]
         summary = {
             "train": {k: last[f"train_{k}"] for k in ("elbo", "recon", "kl")},

@@ -1,0 +1,287 @@
+"""train: the real loop on tiny synthetic data, a real MLflow store (temp SQLite), the real CLI."""
+
+import csv
+import json
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pytest
+import torch
+import yaml
+from conftest import ROOT, isolate_mlflow, run_cli
+
+from vaeops.config import TrainParams
+from vaeops.errors import UsageError, WorkError
+from vaeops.models import load_checkpoint, model_from_checkpoint
+from vaeops.stages import train
+
+SHAPE = (1, 12, 12)
+TINY = {"latent_dim": 4, "hidden_dim": 32, "batch_size": 32, "epochs": 2, "log_every_steps": 4}
+TINY["device"] = "cpu"
+
+
+def blobs(n: int, seed: int) -> np.ndarray:
+    """Bright rectangles on a dark background: structure a VAE can learn in a couple of epochs."""
+    rng = np.random.default_rng(seed)
+    x = np.zeros((n, *SHAPE), dtype=np.uint8)
+    for img in x:
+        r, c = rng.integers(0, 8, 2)
+        h, w = rng.integers(3, 6, 2)
+        img[0, r : r + h, c : c + w] = rng.integers(150, 256)
+    return x
+
+
+def write_data(folder: Path, n_train: int = 384, n_val: int = 64) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, n, seed in (("train", n_train, 0), ("val", n_val, 1)):
+        np.savez(folder / f"{name}.npz", images=blobs(n, seed), labels=np.zeros(n, dtype=np.int64))
+    (folder / "meta.json").write_text(json.dumps({"dataset": "mnist", "image_shape": list(SHAPE)}))
+    return folder
+
+
+def paths(folder: Path, model: str = "models/vae.pt") -> train.Paths:
+    return train.Paths(
+        data=folder / "data/processed",
+        model=folder / model,
+        run_file=folder / "models/run.json",
+        metrics=folder / "reports/train.json",
+        curve=folder / "reports/train_curve.csv",
+    )
+
+
+@pytest.fixture
+def project(tmp_path, monkeypatch):
+    """tmp_path with tiny data, as the working directory, holding its own MLflow store."""
+    isolate_mlflow(monkeypatch, tmp_path)
+    write_data(tmp_path / "data/processed")
+    return tmp_path
+
+
+def read_curve(path: Path) -> list[dict[str, float]]:
+    with open(path) as f:
+        return [{k: float(v) for k, v in row.items()} for row in csv.DictReader(f)]
+
+
+def weights(path: Path) -> dict[str, torch.Tensor]:
+    return load_checkpoint(path)["model"]
+
+
+def test_loss_decreases_and_outputs_follow_the_contract(project):
+    result = train.run(TrainParams(**TINY | {"epochs": 3}), paths(project))
+    curve = read_curve(project / "reports/train_curve.csv")
+    assert [r["epoch"] for r in curve] == [1, 2, 3]
+    assert list(curve[0]) == train.CURVE_COLUMNS
+    assert curve[0]["train_elbo"] < curve[1]["train_elbo"] < curve[2]["train_elbo"]
+    assert curve[0]["val_elbo"] < curve[2]["val_elbo"]
+    for r in curve:  # elbo = −(recon + kl), KL ≥ 0
+        assert r["val_elbo"] == pytest.approx(-(r["val_recon"] + r["val_kl"]))
+        assert r["train_kl"] >= 0 and r["val_kl"] >= 0 and r["images_per_s"] > 0
+
+    metrics = json.loads((project / "reports/train.json").read_text())
+    assert metrics == result and metrics["epochs"] == 3 and metrics["seconds"] > 0
+    assert metrics["val"]["elbo"] == pytest.approx(curve[-1]["val_elbo"])
+
+    state = load_checkpoint(project / "models/vae.pt")
+    assert state["config"] == {
+        "arch": "mlp",
+        "latent_dim": 4,
+        "hidden_dim": 32,
+        "image_shape": list(SHAPE),
+        "dataset": "mnist",
+        "binarize": False,
+    }
+    assert state["epoch"] == 3
+    assert state["run_id"] == json.loads((project / "models/run.json").read_text())["run_id"]
+    model = model_from_checkpoint(state)
+    assert model.decode(torch.zeros(2, 4)).shape == (2, *SHAPE)
+
+
+def test_same_seed_same_curve_and_weights_other_seed_differs(project):
+    for i, seed in enumerate((0, 0, 1)):
+        p = paths(project, f"models/{i}.pt")
+        p.curve = project / f"reports/{i}.csv"
+        train.run(TrainParams(**TINY | {"seed": seed, "binarize": True}), p)
+    columns = [c for c in train.CURVE_COLUMNS if c != "images_per_s"]
+    a, b, c = (
+        [{k: r[k] for k in columns} for r in read_curve(project / f"reports/{i}.csv")] for i in range(3)
+    )
+    assert a == b and a != c
+    wa, wb, wc = (weights(project / f"models/{i}.pt") for i in range(3))
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    assert not all(torch.equal(wa[k], wc[k]) for k in wa)
+
+
+@pytest.mark.parametrize("arch", ["mlp", "conv"])
+def test_interrupted_then_resumed_equals_uninterrupted(project, monkeypatch, arch):
+    params = TrainParams(**TINY | {"arch": arch, "epochs": 3, "kl_warmup_epochs": 2, "binarize": True})
+    straight = paths(project, "straight/vae.pt")
+    train.run(params, straight)
+
+    # Ctrl-C during epoch 2: the checkpoint on disk is epoch 1's, whole and loadable.
+    real_epoch = train.train_epoch
+
+    def interrupt_in_epoch_2(loop, epoch, bar=None):
+        if epoch == 2:
+            raise KeyboardInterrupt
+        return real_epoch(loop, epoch, bar)
+
+    resumed = paths(project)
+    monkeypatch.setattr(train, "train_epoch", interrupt_in_epoch_2)
+    with pytest.raises(KeyboardInterrupt):
+        train.run(params, resumed)
+    assert load_checkpoint(resumed.model)["epoch"] == 1
+    run_id = json.loads(resumed.run_file.read_text())["run_id"]
+    monkeypatch.setattr(train, "train_epoch", real_epoch)
+
+    train.run(params.model_copy(update={"resume": True}), resumed)
+    a, b = weights(straight.model), weights(resumed.model)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert load_checkpoint(resumed.model)["run_id"] == run_id  # the same MLflow run, re-entered
+    history = mlflow.MlflowClient().get_metric_history(run_id, "val/elbo")
+    assert sorted({m.step for m in history}) == [1, 2, 3]
+    assert [r["epoch"] for r in read_curve(resumed.curve)] == [1, 2, 3]
+
+
+def test_resume_refuses_changed_params(project):
+    params = TrainParams(**TINY | {"epochs": 1})
+    train.run(params, paths(project))
+    before = (project / "models/vae.pt").read_bytes()
+    with pytest.raises(UsageError, match=r"train.lr = 0.002, now 0.01"):
+        train.run(params.model_copy(update={"resume": True, "lr": 0.01}), paths(project))
+    with pytest.raises(UsageError, match="latent_dim"):
+        train.run(params.model_copy(update={"resume": True, "latent_dim": 5}), paths(project))
+    assert (project / "models/vae.pt").read_bytes() == before
+
+
+def test_mlflow_run_has_params_curves_images_and_tags(project, monkeypatch):
+    monkeypatch.setenv("DVC_EXP_NAME", "tiny-exp")
+    train.run(TrainParams(**TINY | {"arch": "conv", "experiment": "train-test"}), paths(project))
+    run_id = json.loads((project / "models/run.json").read_text())["run_id"]
+    client = mlflow.MlflowClient()
+    run = client.get_run(run_id)
+    assert client.get_experiment(run.info.experiment_id).name == "train-test"
+    assert run.info.status == "FINISHED"
+    assert run.data.params["train.arch"] == "conv" and run.data.params["train.lr"] == "0.002"
+    assert run.data.params["data.dataset"] == "mnist" and run.data.params["data.image_shape"] == "1x12x12"
+    tags = run.data.tags
+    assert tags["dataset"] == "mnist" and tags["arch"] == "conv" and tags["dvc_experiment"] == "tiny-exp"
+    assert len(tags["git_commit"]) == 40 or tags["git_commit"] == "unknown"
+    keys = ["train/elbo", "train/recon", "train/kl", "val/elbo", "val/recon", "val/kl", "lr", "images_per_s"]
+    for key in keys:
+        assert [m.step for m in client.get_metric_history(run_id, key)] == [1, 2], key
+    curve = read_curve(project / "reports/train_curve.csv")
+    assert client.get_metric_history(run_id, "val/elbo")[-1].value == pytest.approx(curve[-1]["val_elbo"])
+    # 12 steps per epoch, logged every 4 global steps.
+    assert [m.step for m in client.get_metric_history(run_id, "train/loss")] == [4, 8, 12, 16, 20, 24]
+
+    local = Path(mlflow.artifacts.download_artifacts(run_id=run_id, dst_path=str(project / "art")))
+    from PIL import Image
+
+    for name in ("samples/epoch_001.png", "samples/epoch_002.png", "reconstructions/epoch_002.png"):
+        img = np.asarray(Image.open(local / name))
+        side = 8 * (12 + 2) + 2  # 8×8 grid of 12×12 images, 2 px padding
+        assert img.shape == (side, side, 3), name
+    # Samples come from a fixed z: the grid changes between epochs only because the model does.
+    assert not np.array_equal(
+        np.asarray(Image.open(local / "samples/epoch_001.png")),
+        np.asarray(Image.open(local / "samples/epoch_002.png")),
+    )
+
+
+def test_divergence_mid_run_keeps_the_last_good_epoch(project, monkeypatch):
+    params = TrainParams(**TINY | {"epochs": 3, "optimizer": "sgd", "lr": 1e-3})
+    # An lr that blows up from the first step of epoch 2 (12 steps per epoch).
+    real_lr = train.lr_at
+    monkeypatch.setattr(train, "lr_at", lambda s, total, p: 1e12 if s >= 12 else real_lr(s, total, p))
+    with pytest.raises(WorkError) as err:
+        train.run(params, paths(project))
+    msg = str(err.value)
+    assert "training diverged at epoch 2, step " in msg and "learning rate" in msg
+    assert "keeps epoch 1, the last good one" in msg and "\n" not in msg
+    assert load_checkpoint(project / "models/vae.pt")["epoch"] == 1
+    assert [r["epoch"] for r in read_curve(project / "reports/train_curve.csv")] == [1]
+    assert not (project / "reports/train.json").exists()
+    run_id = json.loads((project / "models/run.json").read_text())["run_id"]
+    assert mlflow.MlflowClient().get_run(run_id).info.status == "FAILED"
+
+
+def write_params(folder: Path, **train_params) -> Path:
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    params["train"].update(TINY | train_params)
+    path = folder / "params.yaml"
+    path.write_text(yaml.safe_dump(params))
+    return path
+
+
+def test_cli_divergent_lr_exits_1_with_one_line_and_keeps_checkpoint(project):
+    write_params(project, epochs=1)
+    res = run_cli("train", cwd=project)
+    assert res.returncode == 0, res.stderr
+    assert "epoch 1/1" in res.stderr  # one plain line per epoch when not on a terminal
+    before = {p: (project / p).read_bytes() for p in ("models/vae.pt", "models/run.json")}
+
+    # The article's recipe pushed to the extreme: SGD, summed-loss-sized lr.
+    write_params(project, epochs=1, optimizer="sgd", lr=1e6, lr_schedule="none")
+    res = run_cli("train", cwd=project)
+    assert res.returncode == 1
+    lines = res.stderr.strip().splitlines()
+    assert lines[-1].startswith("error: training diverged at epoch 1, step ")
+    assert "learning rate is likely too high" in lines[-1] and "train.lr = 1000000.0" in lines[-1]
+    assert "Traceback" not in res.stderr
+    assert {p: (project / p).read_bytes() for p in before} == before
+
+
+def test_cli_path_options_and_bad_data(project):
+    write_params(project, epochs=1)
+    args = ["--data", "data/processed", "--model", "m/v.pt", "--run-file", "m/r.json"]
+    args += ["--metrics", "r/t.json", "--curve", "r/c.csv"]
+    res = run_cli("train", *args, cwd=project)
+    assert res.returncode == 0, res.stderr
+    assert all((project / p).is_file() for p in ("m/v.pt", "m/r.json", "r/t.json", "r/c.csv"))
+
+    meta = {"dataset": "mnist", "image_shape": [1, 28, 28]}
+    (project / "data/processed/meta.json").write_text(json.dumps(meta))
+    res = run_cli("train", *args[:2], "--model", "m/w.pt", cwd=project)
+    assert res.returncode == 2
+    assert "train.npz: images are uint8 [384, 1, 12, 12], expected uint8 N×1×28×28" in res.stderr
+    assert not (project / "m/w.pt").exists()
+    res = run_cli("train", "--data", "nowhere", cwd=project)
+    assert res.returncode == 2 and "nowhere/meta.json: missing" in res.stderr
+
+
+def test_lr_schedule_and_kl_warmup():
+    p = TrainParams(lr=1e-3, lr_warmup_steps=10, lr_schedule="cosine")
+    lrs = [train.lr_at(s, 110, p) for s in range(110)]
+    assert lrs[0] == pytest.approx(1e-4) and lrs[9] == pytest.approx(1e-3)
+    assert lrs[10] == pytest.approx(1e-3) and lrs[60] == pytest.approx(5e-4) and lrs[-1] < 1e-6
+    assert all(a >= b for a, b in zip(lrs[9:], lrs[10:], strict=False))
+    assert train.lr_at(50, 110, TrainParams(lr=1e-3, lr_schedule="none")) == 1e-3
+    assert [train.beta_at(s, 4, 1.0) for s in range(6)] == [0.25, 0.5, 0.75, 1.0, 1.0, 1.0]
+    assert train.beta_at(0, 0, 0.5) == 0.5
+
+
+def test_batches_are_scaled_or_binarized_whole():
+    x = torch.tensor([[0, 128, 255]], dtype=torch.uint8)
+    assert torch.equal(train.scale(x, False, None), x.float() / 255)
+    gen = torch.Generator().manual_seed(0)
+    big = torch.full((1000, 10), 51, dtype=torch.uint8)  # p = 0.2
+    b = train.scale(big, True, gen)
+    assert set(b.unique().tolist()) == {0.0, 1.0} and abs(b.mean().item() - 0.2) < 0.01
+
+
+def test_dvc_stage_declares_what_train_reads_and_writes():
+    dvc = yaml.safe_load((ROOT / "dvc.yaml").read_text())
+    stage = dvc["stages"]["train"]
+    assert stage["cmd"] == "vaeops train"
+    assert stage["params"] == ["train"]
+    code = {f"src/vaeops/{m}.py" for m in ("stages/train", "models", "losses", "tracking", "figures")}
+    data = {f"data/processed/{f}" for f in ("train.npz", "val.npz", "meta.json")}
+    assert set(stage["deps"]) == code | data
+    assert stage["outs"] == [{"models/vae.pt": {"persist": True}}, "models/run.json"]
+    assert stage["metrics"] == [{"reports/train.json": {"cache": False}}]
+    assert list(stage["plots"][0]) == ["reports/train_curve.csv"]
+    drawn = {
+        c for plot in dvc["plots"] for spec in plot.values() for c in spec["y"]["reports/train_curve.csv"]
+    }
+    assert {"train_elbo", "val_elbo", "train_kl", "val_kl"} <= drawn <= set(train.CURVE_COLUMNS)

@@ -107,7 +107,9 @@ def setup(experiment: str) -> str:
             if exp is not None:
                 return exp.experiment_id
             location = (project_root() / ARTIFACTS).as_uri() if embedded else None
-            return mlflow.create_experiment(experiment, artifact_location=location)
+            # The UI opens an experiment of this kind on its runs and charts, not the GenAI pages.
+            tags = {"mlflow.experimentKind": "custom_model_development"}
+            return mlflow.create_experiment(experiment, artifact_location=location, tags=tags)
         except Exception as e:
             first = (str(e).splitlines() or [type(e).__name__])[0][:200]
             raise UsageError(f"MLflow tracking store {uri} is not usable: {first}") from None

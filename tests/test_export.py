@@ -4,6 +4,7 @@ import inspect
 import json
 import os
 import shutil
+import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -14,7 +15,7 @@ import onnxruntime as ort
 import pytest
 import torch
 import yaml
-from conftest import ROOT, isolate_mlflow, run_cli, tiny_checkpoint, tree
+from conftest import ROOT, SHARED, isolate_mlflow, run_cli, tiny_checkpoint, tree
 
 from vaeops import cli, tracking
 from vaeops.config import ExportParams
@@ -67,10 +68,12 @@ def reference_model(ex: Exported) -> torch.nn.Module:
 
 def test_parity_report_within_1e5(exported):
     report = json.loads((exported.folder / "reports/onnx_parity.json").read_text())
-    assert report["arch"] == exported.arch and report["opset"] == 18
-    assert set(report["decoder"]["cases"]) == {"batch_1", "batch_512", "extreme_z"}
-    assert set(report["encoder"]["cases"]) == {"batch_1", "batch_512"}
+    assert (report["atol"], report["rtol"]) == (1e-5, 1e-5)
+    full = exported.result
+    assert set(full["decoder"]["cases"]) == {"batch_1", "batch_512", "extreme_z"}
+    assert set(full["encoder"]["cases"]) == {"batch_1", "batch_512"}
     for name in ("decoder", "encoder"):
+        assert report[name] == {k: full[name][k] for k in ("max_abs_diff", "max_rel_diff", "tolerance_ratio")}
         assert report[name]["max_abs_diff"] <= 1e-5
         assert report[name]["tolerance_ratio"] <= 1
         # The checks compared real numbers, not two copies of the same array.
@@ -143,6 +146,17 @@ def test_mlflow_run_and_registry(exported):
         assert metrics[f"onnx/{name}_max_abs_diff"] == pytest.approx(report[name]["max_abs_diff"])
         assert f"onnx/{name}_max_rel_diff" in metrics
 
+    logged = client.download_artifacts(exported.run_id, "onnx/onnx_parity.json", str(exported.folder))
+    assert json.loads(Path(logged).read_text())["decoder"]["cases"].keys() == {
+        "batch_1",
+        "batch_512",
+        "extreme_z",
+    }
+    experiment_id = client.get_run(exported.run_id).info.experiment_id
+    models = client.search_logged_models(experiment_ids=[experiment_id])
+    assert sorted(m.name for m in models) == ["decoder_onnx", "encoder_onnx"]
+    assert {m.source_run_id for m in models} == {exported.run_id}
+
     versions = client.search_model_versions("name = 'vaeops-decoder'")
     assert [v.run_id for v in versions] == [exported.run_id]
     assert exported.result["registered_model"] == {
@@ -212,3 +226,32 @@ def test_dvc_stage_reads_exactly_what_it_declares():
     # The only train key the stage code touches is the experiment name.
     source = (ROOT / "src/vaeops/stages/export.py").read_text() + inspect.getsource(cli.export)
     assert "p.train.experiment" in source and "train." not in source.replace("p.train.experiment", "")
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not (SHARED / "mnist").exists(), reason="../shared/datasets/mnist absent")
+def test_dvc_exp_run_latent_dim_reaches_the_onnx_decoder(tmp_path, monkeypatch):
+    """`dvc exp run -S train.latent_dim=32` on real MNIST (2000 images, 1 epoch): a 32-wide decoder."""
+    from test_pipeline import copy_project, dvc
+
+    proj = copy_project(tmp_path / "proj")
+    isolate_mlflow(monkeypatch, proj)
+    git = ["git", "-c", "user.name=t", "-c", "user.email=t@example.com"]
+    subprocess.run([*git, "add", "-A"], cwd=proj, check=True)
+    subprocess.run([*git, "commit", "-qm", "copy"], cwd=proj, check=True)
+
+    overrides = ["-S", "train.epochs=1", "-S", "preprocess.train_limit=2000", "-S", "train.latent_dim=32"]
+    res = dvc("exp", "run", "export", *overrides, cwd=proj)
+    assert "Running stage 'export'" in res.stdout
+
+    session = ort.InferenceSession(str(proj / "models/decoder.onnx"), providers=["CPUExecutionProvider"])
+    assert session.get_inputs()[0].shape == ["batch", 32]
+    assert session.get_modelmeta().custom_metadata_map["latent_dim"] == "32"
+    report = json.loads((proj / "reports/onnx_parity.json").read_text())
+    assert report["decoder"]["max_abs_diff"] <= 1e-5 and report["encoder"]["max_abs_diff"] <= 1e-5
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{proj / 'mlruns.db'}")
+    run_id = json.loads((proj / "models/run.json").read_text())["run_id"]
+    assert [v.run_id for v in client.search_model_versions("name = 'vaeops-decoder'")] == [run_id]
+
+    again = dvc("repro", "export", cwd=proj)
+    assert "Running stage" not in again.stdout

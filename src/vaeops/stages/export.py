@@ -215,6 +215,7 @@ def log_to_mlflow(
     # With pip_requirements given, MLflow still probes `pip --version` for conda.yaml; uv venvs have no
     # pip, and the resulting warning on every export is noise.
     logging.getLogger("mlflow.utils.environment").setLevel(logging.ERROR)
+    logging.getLogger("mlflow.utils.uv_utils").setLevel(logging.WARNING)
 
     dec_sig = infer_signature(
         {"z": dec_example}, {"image": session_for(decoder).run(None, {"z": dec_example})[0]}
@@ -338,6 +339,10 @@ def run(
         onnx.save_model(enc, enc_tmp)
         examples = decoder_cases(latent_dim)["batch_1"], encoder_cases(model)["batch_1"]
         version = log_to_mlflow(params, experiment, run_file, dec, enc, *examples, report)
-        write_json(report_out, report)
+        # DVC metrics: the per-model worst numbers only (the per-case breakdown goes to MLflow);
+        # every numeric leaf becomes a column of `dvc metrics show` / `dvc exp show`.
+        keys = ("max_abs_diff", "max_rel_diff", "tolerance_ratio")
+        summary = {m: {k: report[m][k] for k in keys} for m in ("decoder", "encoder")}
+        write_json(report_out, {**summary, "atol": params.atol, "rtol": params.rtol})
     log(f"wrote {decoder_out}, {encoder_out}; registered {params.registered_model_name} version {version}")
     return {**report, "registered_model": {"name": params.registered_model_name, "version": version}}

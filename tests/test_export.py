@@ -19,8 +19,8 @@ from conftest import ROOT, SHARED, isolate_mlflow, run_cli, tiny_checkpoint, tre
 
 from vaeops import cli, tracking
 from vaeops.config import ExportParams
-from vaeops.errors import UsageError
-from vaeops.models import load_checkpoint, model_from_checkpoint
+from vaeops.errors import UsageError, WorkError
+from vaeops.models import load_checkpoint, model_from_checkpoint, save_checkpoint
 from vaeops.stages import export
 
 # conv gets an odd image size so both ConvTranspose layers need output_padding; mlp a 32-wide latent
@@ -176,6 +176,15 @@ def test_mlflow_run_and_registry(exported):
     np.testing.assert_array_equal(loaded.predict({"z": z})["image"], dec.run(None, {"z": z})[0])
 
 
+def test_diff_stats_tolerance_and_non_finite_outputs():
+    ref = np.array([0.0, 1.0, 100.0], np.float32)
+    stats = export.diff_stats(ref + np.float32(1e-5), ref, atol=1e-5, rtol=1e-5)
+    assert stats["max_abs_diff"] == pytest.approx(1e-5, rel=1e-2)
+    assert stats["tolerance_ratio"] == pytest.approx(1.0, rel=1e-2)  # at 0: exactly atol
+    nan = np.array([np.nan, 1.0, 100.0], np.float32)
+    assert export.diff_stats(nan, nan, 1e-5, 1e-5)["tolerance_ratio"] == float("inf")
+
+
 @pytest.fixture
 def project(tmp_path, monkeypatch):
     """A project folder with a conv checkpoint, a run file and an isolated embedded MLflow store."""
@@ -203,6 +212,17 @@ def test_parity_failure_exits_1_and_keeps_previous_models(project):
 
     client = mlflow.MlflowClient(tracking_uri=tracking.tracking_uri())
     assert client.search_registered_models() == []
+
+
+def test_diverged_checkpoint_fails_parity(project):
+    state = load_checkpoint(project / "models/vae.pt")
+    state["model"]["decoder_fc.0.weight"][0, 0] = float("nan")
+    save_checkpoint(project / "models/vae.pt", state)
+    with pytest.raises(WorkError, match="decoder ONNX parity failed .* NaN or infinite outputs"):
+        export.run(
+            ExportParams(), "vaeops", Path("models/vae.pt"), Path("models/run.json"), *outputs(project)
+        )
+    assert not any(p.exists() for p in outputs(project))
 
 
 def test_missing_inputs_are_usage_errors(project):

@@ -12,6 +12,7 @@ dynamic, and then check that the graph really says so and that batches of 1, 3 a
 import importlib.metadata
 import json
 import logging
+import math
 import warnings
 from pathlib import Path
 from typing import Any
@@ -126,6 +127,10 @@ def check_batches(session: ort.InferenceSession, make_input: Any, expected: dict
 def diff_stats(onnx_out: np.ndarray, torch_out: np.ndarray, atol: float, rtol: float) -> dict[str, float]:
     """max |Δ|, max relative |Δ| / max(|ref|, atol) (relative error below atol is noise) and the worst
     |Δ| / (atol + rtol·|ref|): the check passes where that ratio is ≤ 1, like numpy.allclose."""
+    if not (np.isfinite(onnx_out).all() and np.isfinite(torch_out).all()):
+        return dict.fromkeys(
+            ("max_abs_diff", "max_rel_diff", "tolerance_ratio"), math.inf
+        )  # NaN > 1 is False
     diff = np.abs(onnx_out.astype(np.float64) - torch_out.astype(np.float64))
     ref = np.abs(torch_out.astype(np.float64))
     return {
@@ -188,6 +193,11 @@ def session_for(proto: onnx.ModelProto) -> ort.InferenceSession:
 
 def _failure(name: str, result: dict[str, Any], params: ExportParams) -> str:
     case = result["cases"][result["worst_case"]]
+    if math.isinf(case["tolerance_ratio"]):
+        return (
+            f"{name} ONNX parity failed on '{result['worst_case']}': NaN or infinite outputs "
+            "(is the checkpoint diverged?); previous models left in place"
+        )
     return (
         f"{name} ONNX parity failed on '{result['worst_case']}': "
         f"max |onnx − torch| = {case['max_abs_diff']:.3g}, "

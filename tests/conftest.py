@@ -136,3 +136,25 @@ def isolate_mlflow(mp: pytest.MonkeyPatch, folder: Path) -> None:
     for var in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI"):
         mp.setenv(var, "unset")
         mp.delenv(var)
+
+
+def write_processed(folder: Path, sizes: dict[str, int], seed: int = 0) -> Path:
+    """What preprocess writes (split .npz + meta.json), from random 28×28 images, for stage tests."""
+    import json
+
+    rng = np.random.default_rng(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    for split, n in sizes.items():
+        images = rng.integers(0, 256, (n, 1, 28, 28), dtype=np.uint8)
+        np.savez(folder / f"{split}.npz", images=images, labels=np.arange(n) % 10)
+    meta = {"dataset": "mnist", "image_shape": [1, 28, 28], "classes": [str(i) for i in range(10)]}
+    (folder / "meta.json").write_text(json.dumps(meta))
+    return folder
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

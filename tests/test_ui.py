@@ -3,16 +3,14 @@
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
 import urllib.request
 from pathlib import Path
 
-import numpy as np
 import pytest
-from conftest import ROOT
+from conftest import ROOT, free_port, write_processed
 
 CHROMIUM = Path("/usr/bin/chromium")
 pytestmark = [
@@ -22,24 +20,8 @@ pytestmark = [
 SCREENSHOT = ROOT / "reports" / "screenshots" / "mlflow_run.png"
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def tiny_project(folder: Path) -> Path:
-    rng = np.random.default_rng(0)
-    data = folder / "data/processed"
-    data.mkdir(parents=True)
-    for split, n in (("train", 256), ("val", 64)):
-        np.savez(
-            data / f"{split}.npz",
-            images=rng.integers(0, 256, (n, 1, 28, 28), dtype=np.uint8),
-            labels=rng.integers(0, 10, n),
-        )
-    meta = {"dataset": "mnist", "image_shape": [1, 28, 28], "classes": [str(i) for i in range(10)]}
-    (data / "meta.json").write_text(json.dumps(meta))
+    write_processed(folder / "data/processed", {"train": 256, "val": 64})
     (folder / "params.yaml").write_text("train:\n  epochs: 2\n  batch_size: 64\n")
     return folder
 

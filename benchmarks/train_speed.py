@@ -98,7 +98,10 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=2, help="timed epochs per arch and loop")
     ap.add_argument("--conv-images", type=int, default=10000, help="conv epochs use this many images")
     ap.add_argument("--archs", default="mlp,conv")
+    ap.add_argument("--threads", type=int, default=0, help="torch CPU threads for both loops (0 = default)")
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     x, y = load_split(args.data)
     images, labels = torch.from_numpy(x), torch.from_numpy(y)

@@ -54,6 +54,9 @@ class TrainParams(Section):
     grad_clip: float = Field(0.0, ge=0, description="max grad norm; 0 disables clipping")
     seed: int = Field(0, ge=0)
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    # CPU threads for torch (0 = torch's default, one per core). On a shared, busy machine 1 can be
+    # many times faster: every op waits for its slowest thread to be scheduled.
+    threads: int = Field(0, ge=0)
     bf16: bool = False
     compile: bool = False
     resume: bool = False

@@ -44,7 +44,7 @@ CURVE_COLUMNS = [
     "images_per_s",
 ]
 # Params that do not change the trained weights may differ between a run and its resumption.
-RESUME_FREE = {"resume", "log_every_steps", "device", "compile", "experiment"}
+RESUME_FREE = {"resume", "log_every_steps", "device", "threads", "compile", "experiment"}
 # Curve columns → MLflow metric names (DESIGN.md: train/elbo, val/kl, ... in nats per image).
 METRIC_NAMES = {c: c.replace("_", "/", 1) for c in CURVE_COLUMNS[1:7]} | {
     "lr": "lr",
@@ -317,6 +317,8 @@ def run(params: TrainParams, paths: Paths) -> dict[str, Any]:
     from mlflow.entities import Metric
 
     device = resolve_device(params.device)
+    if params.threads:
+        torch.set_num_threads(params.threads)
     if (params.bf16 or params.compile) and device.type != "cuda":
         log("train.bf16 / train.compile apply on CUDA only; ignored on cpu")
     train_u8, val_u8, meta = load_data(paths.data)

@@ -15,10 +15,10 @@ import onnxruntime as ort
 import pytest
 import torch
 import yaml
-from conftest import ROOT, SHARED, isolate_mlflow, run_cli, tiny_checkpoint, tree
+from conftest import ROOT, SHARED, isolate_mlflow, run_cli, tiny_checkpoint, tiny_vae, tree
 
 from vaeops import cli, tracking
-from vaeops.config import ExportParams
+from vaeops.config import ExportParams, load_params
 from vaeops.errors import UsageError, WorkError
 from vaeops.models import load_checkpoint, model_from_checkpoint, save_checkpoint
 from vaeops.stages import export
@@ -174,6 +174,17 @@ def test_mlflow_run_and_registry(exported):
         str(exported.folder / "models/decoder.onnx"), providers=["CPUExecutionProvider"]
     )
     np.testing.assert_array_equal(loaded.predict({"z": z})["image"], dec.run(None, {"z": z})[0])
+
+
+def test_opset_is_the_one_asked_for(tmp_path, monkeypatch):
+    model = tiny_vae("conv", (1, 12, 12), 3)
+    proto = export.to_onnx(export.Decoder(model), torch.randn(4, 3), "z", ["image"], 21)
+    assert [(o.domain, o.version) for o in proto.opset_import if o.domain in ("", "ai.onnx")] == [("", 21)]
+    # Below 18 torch's down-conversion silently keeps 18, so params refuse it up front.
+    shutil.copy(ROOT / "params.yaml", tmp_path / "params.yaml")
+    monkeypatch.setenv("VAEOPS_EXPORT__OPSET", "13")
+    with pytest.raises(UsageError, match="export.opset"):
+        load_params(tmp_path / "params.yaml")
 
 
 def test_diff_stats_tolerance_and_non_finite_outputs():

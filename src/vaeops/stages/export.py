@@ -79,7 +79,11 @@ def to_onnx(
             dynamic_shapes={input_name: {0: batch}},
             verbose=False,
         )
-    return program.model_proto
+    proto = program.model_proto
+    got = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), None)
+    if got != opset:
+        raise UsageError(f"export.opset = {opset}: torch's exporter produced opset {got} instead")
+    return proto
 
 
 def _dims(value: onnx.ValueInfoProto) -> list[int | str]:
@@ -188,7 +192,11 @@ def add_metadata(proto: onnx.ModelProto, props: dict[str, Any], doc: str) -> Non
 
 
 def session_for(proto: onnx.ModelProto) -> ort.InferenceSession:
-    return ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
+    try:
+        return ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
+    except Exception as e:  # onnxruntime raises its own untyped errors, e.g. for a too-new opset
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        raise WorkError(f"onnxruntime {ort.__version__} cannot load the exported graph: {reason}") from None
 
 
 def _failure(name: str, result: dict[str, Any], params: ExportParams) -> str:

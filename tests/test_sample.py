@@ -122,6 +122,8 @@ def test_conv_decoder_with_odd_image_size(tmp_path):
         "not npy",
         "n zero",
         "bad format",
+        "output is a folder",
+        "unwritable output",
     ],
 )
 def test_bad_input_exits_2_and_writes_nothing(decoder, bad_inputs, tmp_path, case):
@@ -137,11 +139,15 @@ def test_bad_input_exits_2_and_writes_nothing(decoder, bad_inputs, tmp_path, cas
         "not npy": (["--z-file", "junk.npy"], "junk.npy: not a .npy array"),
         "n zero": (["-n", "0"], "-n 0: need at least one image"),
         "bad format": (["--format", "jpg"], "--format 'jpg' is not allowed"),
+        "output is a folder": (["-o", "."], "-o .: is a folder"),
+        "unwritable output": (["-o", "junk.onnx/x.png"], "junk.onnx/x.png: cannot write"),
     }[case]
     if "--model" not in args:
         args = ["--model", str(model_path), *args]
     before = tree(tmp_path)
-    res = run_cli("sample", *args, "-o", "out.png", cwd=tmp_path)
+    if "-o" not in args:
+        args = [*args, "-o", "out.png"]
+    res = run_cli("sample", *args, cwd=tmp_path)
     assert res.returncode == 2, res.stderr
     lines = res.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and expected in lines[0], res.stderr

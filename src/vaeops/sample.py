@@ -98,10 +98,15 @@ def run(
     else:
         z = np.random.default_rng(seed).standard_normal((n, latent_dim), dtype=np.float32)
     images = decode(session, z)
-    if fmt == "npy":
-        with atomic_path(out) as tmp, open(tmp, "wb") as f:
-            np.save(f, images)  # a file object keeps numpy from appending ".npy" to the temp name
-    else:
-        save_png(out, grid(images, nrow or math.ceil(math.sqrt(len(images)))))
+    if out.is_dir():
+        raise UsageError(f"-o {out}: is a folder; name the output file")
+    try:
+        if fmt == "npy":
+            with atomic_path(out) as tmp, open(tmp, "wb") as f:
+                np.save(f, images)  # a file object keeps numpy from appending ".npy" to the temp name
+        else:
+            save_png(out, grid(images, nrow or math.ceil(math.sqrt(len(images)))))
+    except OSError as e:
+        raise UsageError(f"-o {out}: cannot write ({e.strerror or e})") from None
     print(f"wrote {out} ({len(images)} images of {list(images.shape[1:])})", file=sys.stderr)
     return images

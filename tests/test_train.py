@@ -10,6 +10,7 @@ import pytest
 import torch
 import yaml
 from conftest import ROOT, isolate_mlflow, run_cli
+from PIL import Image
 
 from vaeops.config import TrainParams
 from vaeops.errors import UsageError, WorkError
@@ -18,7 +19,7 @@ from vaeops.stages import train
 
 SHAPE = (1, 12, 12)
 TINY = {"latent_dim": 4, "hidden_dim": 32, "batch_size": 32, "epochs": 2, "log_every_steps": 4}
-TINY["device"] = "cpu"
+TINY |= {"device": "cpu", "threads": 1}  # tiny models gain nothing from threads
 
 
 def blobs(n: int, seed: int) -> np.ndarray:
@@ -47,6 +48,7 @@ def paths(folder: Path, model: str = "models/vae.pt") -> train.Paths:
         run_file=folder / "models/run.json",
         metrics=folder / "reports/train.json",
         curve=folder / "reports/train_curve.csv",
+        samples=folder / "reports/train_samples.png",
     )
 
 
@@ -95,6 +97,8 @@ def test_loss_decreases_and_outputs_follow_the_contract(project):
     assert state["run_id"] == json.loads((project / "models/run.json").read_text())["run_id"]
     model = model_from_checkpoint(state)
     assert model.decode(torch.zeros(2, 4)).shape == (2, *SHAPE)
+    samples = np.asarray(Image.open(project / "reports/train_samples.png"))
+    assert samples.shape == (8 * 14 + 2, 8 * 14 + 2, 3)  # 8×8 grid of 12×12 images, 2 px padding
 
 
 def test_same_seed_same_curve_and_weights_other_seed_differs(project):
@@ -176,8 +180,6 @@ def test_mlflow_run_has_params_curves_images_and_tags(project, monkeypatch):
     assert [m.step for m in client.get_metric_history(run_id, "train/loss")] == [4, 8, 12, 16, 20, 24]
 
     local = Path(mlflow.artifacts.download_artifacts(run_id=run_id, dst_path=str(project / "art")))
-    from PIL import Image
-
     for name in ("samples/epoch_001.png", "samples/epoch_002.png", "reconstructions/epoch_002.png"):
         img = np.asarray(Image.open(local / name))
         side = 8 * (12 + 2) + 2  # 8×8 grid of 12×12 images, 2 px padding
@@ -215,10 +217,7 @@ def write_params(folder: Path, **train_params) -> Path:
 
 
 def test_cli_divergent_lr_exits_1_with_one_line_and_keeps_checkpoint(project):
-    write_params(project, epochs=1)
-    res = run_cli("train", cwd=project)
-    assert res.returncode == 0, res.stderr
-    assert "epoch 1/1" in res.stderr  # one plain line per epoch when not on a terminal
+    train.run(TrainParams(**TINY | {"epochs": 1}), paths(project))  # what the CLI's defaults point at
     before = {p: (project / p).read_bytes() for p in ("models/vae.pt", "models/run.json")}
 
     # The article's recipe pushed to the extreme: SGD, summed-loss-sized lr.
@@ -235,10 +234,11 @@ def test_cli_divergent_lr_exits_1_with_one_line_and_keeps_checkpoint(project):
 def test_cli_path_options_and_bad_data(project):
     write_params(project, epochs=1)
     args = ["--data", "data/processed", "--model", "m/v.pt", "--run-file", "m/r.json"]
-    args += ["--metrics", "r/t.json", "--curve", "r/c.csv"]
+    args += ["--metrics", "r/t.json", "--curve", "r/c.csv", "--samples", "r/s.png"]
     res = run_cli("train", *args, cwd=project)
     assert res.returncode == 0, res.stderr
-    assert all((project / p).is_file() for p in ("m/v.pt", "m/r.json", "r/t.json", "r/c.csv"))
+    assert "epoch 1/1" in res.stderr  # one plain line per epoch when not on a terminal
+    assert all((project / p).is_file() for p in ("m/v.pt", "m/r.json", "r/t.json", "r/c.csv", "r/s.png"))
 
     meta = {"dataset": "mnist", "image_shape": [1, 28, 28]}
     (project / "data/processed/meta.json").write_text(json.dumps(meta))
@@ -280,7 +280,7 @@ def test_dvc_stage_declares_what_train_reads_and_writes():
     assert set(stage["deps"]) == code | data
     assert stage["outs"] == [{"models/vae.pt": {"persist": True}}, "models/run.json"]
     assert stage["metrics"] == [{"reports/train.json": {"cache": False}}]
-    assert list(stage["plots"][0]) == ["reports/train_curve.csv"]
+    assert [next(iter(p)) for p in stage["plots"]] == ["reports/train_curve.csv", "reports/train_samples.png"]
     drawn = {
         c for plot in dvc["plots"] for spec in plot.values() for c in spec["y"]["reports/train_curve.csv"]
     }

@@ -66,6 +66,9 @@ def train(
         "reports/train.json"
     ),
     curve: Annotated[Path, typer.Option(help="one row per epoch (CSV)")] = Path("reports/train_curve.csv"),
+    samples: Annotated[Path, typer.Option(help="8×8 samples of the final model (PNG)")] = Path(
+        "reports/train_samples.png"
+    ),
 ) -> None:
     """Train the VAE; checkpoint every epoch; log curves and sample grids to MLflow."""
     from vaeops.config import load_params
@@ -74,7 +77,7 @@ def train(
 
     p = load_params(params_file).train
     try:
-        train.run(p, train.Paths(data, model, run_file, metrics, curve))
+        train.run(p, train.Paths(data, model, run_file, metrics, curve, samples))
     except KeyboardInterrupt:
         log(f"interrupted: {model} holds the last finished epoch; continue with train.resume = true")
         raise typer.Exit(130) from None

@@ -25,7 +25,7 @@ from torch import Tensor
 from vaeops import tracking
 from vaeops.config import TrainParams
 from vaeops.errors import UsageError, WorkError
-from vaeops.figures import grid
+from vaeops.figures import grid, save_png
 from vaeops.io import atomic_path, write_json
 from vaeops.losses import elbo_terms
 from vaeops.models import VAE, build_model, checkpoint, load_checkpoint, save_checkpoint
@@ -61,6 +61,7 @@ class Paths:
     run_file: Path = Path("models/run.json")
     metrics: Path = Path("reports/train.json")
     curve: Path = Path("reports/train_curve.csv")
+    samples: Path = Path("reports/train_samples.png")
 
 
 def load_data(folder: Path) -> tuple[Tensor, Tensor, dict[str, Any]]:
@@ -313,12 +314,21 @@ def train_epoch(loop: Loop, epoch: int, bar: Any = None) -> dict[str, Any]:
 
 
 def run(params: TrainParams, paths: Paths) -> dict[str, Any]:
+    """Train, checkpointing each epoch; returns (and writes to paths.metrics) the final train/val terms."""
+    previous = torch.get_num_threads()
+    if params.threads:
+        torch.set_num_threads(params.threads)
+    try:
+        return _run(params, paths)
+    finally:
+        torch.set_num_threads(previous)  # the setting is process-wide: leave it as it was
+
+
+def _run(params: TrainParams, paths: Paths) -> dict[str, Any]:
     import mlflow
     from mlflow.entities import Metric
 
     device = resolve_device(params.device)
-    if params.threads:
-        torch.set_num_threads(params.threads)
     if (params.bf16 or params.compile) and device.type != "cuda":
         log("train.bf16 / train.compile apply on CUDA only; ignored on cpu")
     train_u8, val_u8, meta = load_data(paths.data)
@@ -417,6 +427,7 @@ def run(params: TrainParams, paths: Paths) -> dict[str, Any]:
 
         write_curve(paths.curve, curve)
         tracking.write_run_file(paths.run_file, run_id, mlrun.info.experiment_id)
+        save_png(paths.samples, figures(loop.model, z_fixed, shown)[0])
         last = curve[-1]
         summary = {
             "train": {k: last[f"train_{k}"] for k in ("elbo", "recon", "kl")},

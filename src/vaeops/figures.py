@@ -150,7 +150,7 @@ def elbo_histogram(elbo: np.ndarray, worst: np.ndarray, worst_elbo: np.ndarray, 
     ax.hist(elbo, bins=100, color="#4c72b0", alpha=0.85)
     mean, p1 = float(elbo.mean()), float(np.percentile(elbo, 1))
     ax.axvline(mean, color="#222222", linestyle="--", linewidth=1.2, label=f"mean {mean:.1f}")
-    ax.axvline(p1, color="#c44e52", linewidth=1.5, label=f"1st percentile {p1:.1f} (flag below)")
+    ax.axvline(p1, color="#c44e52", linewidth=1.5, label=f"1st percentile {p1:.1f} (anomaly threshold)")
     ax.set_xlabel("ELBO per test image (nats, higher = more typical)")
     ax.set_ylabel("images")
     ax.set_title(title)

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from conftest import ROOT, isolate_mlflow, run_cli
+from conftest import ROOT, SHARED, isolate_mlflow, run_cli
 from PIL import Image
 
 from vaeops.config import TrainParams
@@ -285,3 +285,40 @@ def test_dvc_stage_declares_what_train_reads_and_writes():
         c for plot in dvc["plots"] for spec in plot.values() for c in spec["y"]["reports/train_curve.csv"]
     }
     assert {"train_elbo", "val_elbo", "train_kl", "val_kl"} <= drawn <= set(train.CURVE_COLUMNS)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not (SHARED / "mnist").exists(), reason="../shared/datasets/mnist absent")
+def test_dvc_repro_train_on_real_mnist_plots_and_resume(tmp_path):
+    from test_pipeline import copy_project, dvc
+
+    proj = copy_project(tmp_path / "proj")
+    params = yaml.safe_load((proj / "params.yaml").read_text())
+    params["preprocess"].update(train_limit=3000, val_size=1000)
+    params["train"].update(epochs=2, threads=1)
+    (proj / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    dvc("repro", "train", cwd=proj)
+    metrics = json.loads((proj / "reports/train.json").read_text())
+    assert metrics["epochs"] == 2 and -250 < metrics["val"]["elbo"] < -100
+    assert [r["epoch"] for r in read_curve(proj / "reports/train_curve.csv")] == [1, 2]
+
+    shown = json.loads(dvc("plots", "show", "--json", cwd=proj).stdout)
+    # (Other stages' plots, not produced by `repro train`, may report errors of their own.)
+    assert not [e for e in shown.get("errors", []) if "train" in e["source"]]
+    assert {"ELBO (nats per image, higher is better)", "KL (nats per image)"} <= set(shown["data"])
+    assert any("train_samples.png" in name for name in shown["data"])
+    dvc("plots", "show", cwd=proj)
+    assert "KL (nats per image)" in (proj / "dvc_plots/index.html").read_text()
+
+    assert "Running stage" not in dvc("repro", "train", cwd=proj).stdout  # nothing changed
+
+    # train.resume on a finished run: DVC reruns the stage (a param changed) but must not delete the
+    # persistent checkpoint first, so train picks up after epoch 2 and trains nothing more.
+    before = (proj / "models/vae.pt").read_bytes()
+    params["train"]["resume"] = True
+    (proj / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    res = dvc("repro", "train", cwd=proj)
+    assert "Running stage 'train'" in res.stdout and "after epoch 2 of 2" in res.stdout + res.stderr
+    assert (proj / "models/vae.pt").read_bytes() == before
+    again = json.loads((proj / "reports/train.json").read_text())
+    assert again["val"] == metrics["val"] and again["epochs"] == 2

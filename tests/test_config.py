@@ -64,3 +64,21 @@ def test_cli_bad_env_override_exit_2(tmp_path: Path):
     (tmp_path / "params.yaml").write_text("{}\n")
     res = run_cli("preprocess", cwd=tmp_path, env={"VAEOPS_PREPROCESS__VAL_SIZE": "-1"})
     assert res.returncode == 2 and "preprocess.val_size = '-1'" in res.stderr
+
+
+def test_readme_params_reference_is_the_generated_one():
+    from vaeops.config import reference_table
+
+    text = (ROOT / "README.md").read_text()
+    begin = text.index("<!-- params:begin")
+    block = text[text.index("\n", begin) + 1 : text.index("<!-- params:end -->")].strip()
+    assert block == reference_table(), "README params table is stale: paste the output of `vaeops params`"
+
+
+def test_every_param_is_in_params_yaml_with_its_default():
+    """params.yaml lists every key (it is the file users edit), each at the model's default."""
+    import yaml
+
+    raw = yaml.safe_load((ROOT / "params.yaml").read_text())
+    defaults = Params().model_dump()
+    assert {s: set(v) for s, v in raw.items()} == {s: set(v) for s, v in defaults.items()}

@@ -146,6 +146,14 @@ def sample(
 
 
 @app.command()
+def params() -> None:
+    """Print the params reference (every key, default, meaning) as a Markdown table."""
+    from vaeops.config import reference_table
+
+    print(reference_table())
+
+
+@app.command()
 def ui(
     port: Annotated[int, typer.Option(help="port to listen on")] = 5000,
     host: Annotated[str, typer.Option(help="interface; keep 127.0.0.1 unless you mean to share it")] = (

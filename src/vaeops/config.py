@@ -21,47 +21,51 @@ class Section(BaseModel):
 
 
 class DataParams(Section):
-    dataset: Literal["mnist", "fashion-mnist"] = "mnist"
+    dataset: Literal["mnist", "fashion-mnist"] = Field("mnist", description="dataset to train on")
     # Extra base URLs tried after VAEOPS_DATA_MIRROR and the system folder; empty means the
     # dataset's canonical public mirrors (see datasets.py).
-    mirrors: list[str] = Field(default_factory=list)
-    timeout_s: float = Field(30.0, gt=0)
+    mirrors: list[str] = Field(
+        default_factory=list, description="extra base URLs to download from; empty = canonical public mirrors"
+    )
+    timeout_s: float = Field(30.0, gt=0, description="seconds before an HTTP source counts as unreachable")
 
 
 class PreprocessParams(Section):
     val_size: int = Field(5000, ge=0, description="images split off the training set")
-    seed: int = Field(0, ge=0)
+    seed: int = Field(0, ge=0, description="seed of the validation split")
     # Keep only the first N training images after the split (0 = all): a small-data profile.
-    train_limit: int = Field(0, ge=0)
+    train_limit: int = Field(0, ge=0, description="keep only N training images (0 = all): small-data profile")
 
 
 class TrainParams(Section):
-    arch: Literal["mlp", "conv"] = "mlp"
-    latent_dim: int = Field(20, ge=1)
-    hidden_dim: int = Field(400, ge=1)
-    epochs: int = Field(10, ge=1)
-    batch_size: int = Field(128, ge=1)
-    optimizer: Literal["adam", "sgd"] = "adam"
-    lr: float = Field(2e-3, gt=0)
-    momentum: float = Field(0.9, ge=0, lt=1)
-    weight_decay: float = Field(0.0, ge=0)
-    lr_schedule: Literal["none", "cosine"] = "cosine"
+    arch: Literal["mlp", "conv"] = Field("mlp", description="mlp (the article code) or conv")
+    latent_dim: int = Field(20, ge=1, description="width of z")
+    hidden_dim: int = Field(400, ge=1, description="hidden layer width (dense layers)")
+    epochs: int = Field(10, ge=1, description="training epochs")
+    batch_size: int = Field(128, ge=1, description="images per optimizer step")
+    optimizer: Literal["adam", "sgd"] = Field("adam", description="adam, or sgd with momentum")
+    lr: float = Field(2e-3, gt=0, description="peak learning rate")
+    momentum: float = Field(0.9, ge=0, lt=1, description="sgd momentum")
+    weight_decay: float = Field(0.0, ge=0, description="L2 weight decay")
+    lr_schedule: Literal["none", "cosine"] = Field(
+        "cosine", description="none, or cosine decay per step from lr to lr_min over all epochs"
+    )
     lr_min: float = Field(0.0, ge=0, description="where the cosine schedule ends")
     lr_warmup_steps: int = Field(0, ge=0, description="linear lr warm-up from lr/N to lr")
-    beta: float = Field(1.0, ge=0)
-    kl_warmup_epochs: int = Field(0, ge=0)
-    binarize: bool = False
+    beta: float = Field(1.0, ge=0, description="weight of the KL term (β-VAE)")
+    kl_warmup_epochs: int = Field(0, ge=0, description="epochs over which the KL weight ramps 0 → beta")
+    binarize: bool = Field(False, description="dynamically binarized pixel targets instead of [0, 1]")
     grad_clip: float = Field(0.0, ge=0, description="max grad norm; 0 disables clipping")
-    seed: int = Field(0, ge=0)
-    device: Literal["auto", "cpu", "cuda"] = "auto"
+    seed: int = Field(0, ge=0, description="seed of init, shuffling, sampling")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto = cuda if present, else cpu")
     # CPU threads for torch (0 = torch's default, one per core). On a shared, busy machine 1 can be
     # many times faster: every op waits for its slowest thread to be scheduled.
-    threads: int = Field(0, ge=0)
-    bf16: bool = False
-    compile: bool = False
-    resume: bool = False
-    log_every_steps: int = Field(100, ge=1)
-    experiment: str = Field("vaeops", min_length=1)
+    threads: int = Field(0, ge=0, description="torch CPU threads (0 = one per core)")
+    bf16: bool = Field(False, description="CUDA only: bf16 autocast")
+    compile: bool = Field(False, description="CUDA only: torch.compile the model")
+    resume: bool = Field(False, description="continue from models/vae.pt")
+    log_every_steps: int = Field(100, ge=1, description="log the train loss to MLflow every N steps")
+    experiment: str = Field("vaeops", min_length=1, description="MLflow experiment name")
 
 
 class EvaluateParams(Section):
@@ -72,19 +76,21 @@ class EvaluateParams(Section):
     # Decoded images held at once; ~20k is fastest on CPU (bigger only adds page faults) and keeps
     # a conv model's activations well under 1 GB.
     iwae_batch: int = Field(20_000, ge=1, description="max decoded images per IWAE chunk")
-    seed: int = Field(0, ge=0)
-    traversal_dims: int = Field(5, ge=1)
-    interpolation_pairs: int = Field(6, ge=1)
-    device: Literal["auto", "cpu", "cuda"] = "auto"
+    seed: int = Field(0, ge=0, description="seed of sampling and image choice")
+    traversal_dims: int = Field(5, ge=1, description="rows of traversals.png (most active dims)")
+    interpolation_pairs: int = Field(6, ge=1, description="rows of interpolations.png")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto = cuda if present, else cpu")
 
 
 class ExportParams(Section):
     # torch 2.13's exporter writes opset 18 natively; asking for less needs a down-conversion that
     # fails (silently keeping 18) for ops like Relu or Identity.
-    opset: int = Field(18, ge=18)
-    atol: float = Field(1e-5, gt=0)
-    rtol: float = Field(1e-5, gt=0)
-    registered_model_name: str = Field("vaeops-decoder", min_length=1)
+    opset: int = Field(18, ge=18, description="ONNX opset")
+    atol: float = Field(1e-5, gt=0, description="parity: allowed absolute difference")
+    rtol: float = Field(1e-5, gt=0, description="parity: allowed difference relative to the torch value")
+    registered_model_name: str = Field(
+        "vaeops-decoder", min_length=1, description="MLflow registry name of the decoder"
+    )
 
 
 class Params(BaseSettings):
@@ -109,6 +115,19 @@ class Params(BaseSettings):
     ) -> tuple[PydanticBaseSettingsSource, ...]:
         # Environment beats params.yaml (passed as init kwargs), so a one-off override needs no edit.
         return (env_settings, init_settings)
+
+
+def reference_table() -> str:
+    """The README's params reference, generated from the models so it cannot drift."""
+    rows = ["| key | default | meaning |", "| --- | --- | --- |"]
+    for section, field in Params.model_fields.items():
+        model = field.annotation
+        for name, f in model.model_fields.items():
+            default = f.get_default(call_default_factory=True)
+            if f.description is None:
+                raise ValueError(f"{section}.{name} has no description")
+            rows.append(f"| `{section}.{name}` | `{default!r}` | {f.description} |")
+    return "\n".join(rows)
 
 
 def _describe(err: dict[str, Any]) -> str:

@@ -61,6 +61,8 @@ def main() -> None:
         raise SystemExit("the targets are for continuous MNIST: set train.binarize = false")
     ours = {k: yaml.safe_load(v) for k, v in (o.split("=", 1) for o in args.overrides)}
     arch = {"arch": args.arch} if args.arch else {}
+    # Settings that change speed, not the recipe, apply to both.
+    arch |= {k: ours.pop(k) for k in ("threads",) if k in ours}
     recipes = [] if args.skip_examples else [("(a) pytorch/examples: adam 1e-3 constant", EXAMPLES | arch)]
     recipes.append(("(b) vaeops " + (" ".join(args.overrides) or "defaults"), ours | arch))
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; params: {args.params}")

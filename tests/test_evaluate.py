@@ -300,6 +300,18 @@ def test_same_checkpoint_gives_the_same_metrics_twice(tmp_path, monkeypatch, sto
     assert not torch.equal(evaluate.elbo_pass(model, x, 0)["recon"], evaluate.elbo_pass(model, x, 1)["recon"])
 
 
+def test_a_tiny_test_split_still_gets_every_figure(tmp_path, monkeypatch, store):
+    isolate(monkeypatch, store, tmp_path)
+    write_data(tmp_path / "data", n=5)
+    write_checkpoint(tmp_path, models.build_model("mlp", SHAPE, 2, 16).eval(), "mlp")
+    params = EvaluateParams(iwae_samples=5, interpolation_pairs=3)
+    result = run_stage(tmp_path, TrainParams(arch="mlp", latent_dim=2), params)
+    assert result["test"]["iwae_images"] == 5  # iwae_images=1000 capped at the split size
+    assert len(list((tmp_path / "reports/figures").iterdir())) == 7
+    h, _ = expected_grid(2, 5)  # one input row of 5 over one reconstruction row
+    assert Image.open(tmp_path / "reports/figures/reconstructions.png").size[1] == h
+
+
 # --- usage errors through the real CLI -----------------------------------------------------------
 
 
@@ -369,6 +381,7 @@ def test_mismatched_and_missing_checkpoint_exit_2_through_the_console_script(cli
         (("--run-file", "models/none.json"), {}, "models/none.json: missing"),
         (("--data", "nowhere"), {}, "nowhere/meta.json: missing"),
         (("--data", "partial"), {}, "partial/test.npz: missing"),
+        (("--data", "badmeta"), {}, "badmeta/meta.json: not a preprocess meta file"),
         (("--model", "models/bad.pt"), {}, "models/bad.pt: not a loadable vaeops checkpoint"),
     ],
 )
@@ -376,6 +389,8 @@ def test_usage_errors_exit_2_with_one_clear_line(cli_project, cli_in_process, ar
     (cli_project / "partial").mkdir(exist_ok=True)
     shutil.copy(cli_project / "data/processed/meta.json", cli_project / "partial")
     (cli_project / "models/bad.pt").write_bytes(b"not a checkpoint")
+    (cli_project / "badmeta").mkdir(exist_ok=True)
+    (cli_project / "badmeta/meta.json").write_text("{")
     before = tree(cli_project / "reports")
     code, err = cli_in_process(*args, **train)
     assert code == 2, err

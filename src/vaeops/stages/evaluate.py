@@ -64,16 +64,18 @@ def _read_meta(data_dir: Path, cfg: dict[str, Any]) -> list[str]:
     path = data_dir / "meta.json"
     if not path.is_file():
         raise UsageError(f"{path}: missing; run `dvc repro preprocess` first")
-    meta = json.loads(path.read_text())
-    if list(meta["image_shape"]) != list(cfg["image_shape"]):
+    try:
+        meta = json.loads(path.read_text())
+        shape, dataset, classes = meta["image_shape"], meta["dataset"], meta["classes"]
+    except (ValueError, KeyError, TypeError):
+        raise UsageError(f"{path}: not a preprocess meta file; rerun `dvc repro preprocess`") from None
+    if list(shape) != list(cfg["image_shape"]):
+        raise UsageError(f"{path}: images are {shape} but the checkpoint expects {cfg['image_shape']}")
+    if cfg.get("dataset", dataset) != dataset:
         raise UsageError(
-            f"{path}: images are {meta['image_shape']} but the checkpoint expects {cfg['image_shape']}"
+            f"{path}: test data is {dataset!r} but the checkpoint was trained on {cfg['dataset']!r}"
         )
-    if cfg.get("dataset", meta["dataset"]) != meta["dataset"]:
-        raise UsageError(
-            f"{path}: test data is {meta['dataset']!r} but the checkpoint was trained on {cfg['dataset']!r}"
-        )
-    return [str(c) for c in meta["classes"]]
+    return [str(c) for c in classes]
 
 
 @torch.inference_mode()
@@ -149,15 +151,17 @@ def make_figures(
         show(model.decode(z)), 8, "Samples from the prior", "decoder means at 64 draws of z ~ N(0, I)"
     )
 
-    inputs = x[:32]
+    cols = min(8, len(x))
+    n_rows = min(4, len(x) // cols)
+    inputs = x[: n_rows * cols]
     recon = model.decode(model.encode(inputs)[0])
-    rows = torch.stack([inputs.view(4, 8, *shape), recon.view(4, 8, *shape)], 1).flatten(0, 2)
+    rows = torch.stack([inputs.view(n_rows, cols, *shape), recon.view(n_rows, cols, *shape)], 1).flatten(0, 2)
     pics["reconstructions"] = figures.labelled_grid(
         show(rows),
-        8,
+        cols,
         "Reconstructions",
         "each test image above its reconstruction (decoder mean at E_q[z|x])",
-        row_labels=["test image", "reconstruction"] * 4,
+        row_labels=["test image", "reconstruction"] * n_rows,
     )
 
     # Pairs of test images from different classes, so the path crosses between digits.
@@ -240,8 +244,8 @@ def run(
     tracking.read_run_id(run_file)  # fail now, not after minutes of IWAE
     classes = _read_meta(data_dir, cfg)
     images, labels = load_split(data_dir / "test.npz")
-    if len(images) == 0:
-        raise UsageError(f"{data_dir / 'test.npz'}: no test images")
+    if len(images) < 2:
+        raise UsageError(f"{data_dir / 'test.npz'}: {len(images)} test images; evaluate needs at least 2")
     device = _device(params.device)
     # channels_last: ~20% less time in the conv decoder's transposed convs on CPU, same numbers.
     model = model_from_checkpoint(state).to(device, memory_format=torch.channels_last)

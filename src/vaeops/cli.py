@@ -76,6 +76,9 @@ def train(
     from vaeops.stages import train
 
     p = load_params(params_file).train
+    if p.nproc > 1 and train.world()[1] == 1:
+        # Not under torchrun yet: run this same command as train.nproc workers (see README, DDP).
+        raise typer.Exit(train.launch(p.nproc, sys.argv[1:]))
     try:
         train.run(p, train.Paths(data, model, run_file, metrics, curve, samples))
     except KeyboardInterrupt:
@@ -172,3 +175,7 @@ def main() -> None:
     except VaeopsError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(e.exit_code)
+
+
+if __name__ == "__main__":  # `python -m vaeops.cli`, as torchrun's workers start it
+    main()

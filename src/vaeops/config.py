@@ -66,11 +66,11 @@ class TrainParams(Section):
     resume: bool = Field(False, description="continue from models/vae.pt")
     log_every_steps: int = Field(100, ge=1, description="log the train loss to MLflow every N steps")
     experiment: str = Field("vaeops", min_length=1, description="MLflow experiment name")
-
-
     # > 1: `vaeops train` relaunches itself under torchrun (DistributedDataParallel, gloo on CPU, nccl on
     # CUDA); batch_size stays the global batch, split evenly over the processes.
     nproc: int = Field(1, ge=1, description="training processes (torchrun DDP); batch_size stays global")
+
+
 class EvaluateParams(Section):
     iwae_samples: int = Field(1000, ge=1, description="k importance samples per image")
     # k=1000 over all 10 000 test images takes ~1.5 min (mlp) to ~45 min (conv) on 2 CPU cores, so by

@@ -30,15 +30,17 @@ class VAE(nn.Module):
     def decode(self, z: Tensor) -> Tensor:
         return torch.sigmoid(self.decode_logits(z))
 
-    def reparameterize(self, mu: Tensor, logvar: Tensor) -> Tensor:
+    def reparameterize(self, mu: Tensor, logvar: Tensor, eps: Tensor | None = None) -> Tensor:
         std = torch.exp(0.5 * logvar)
-        eps = torch.randn_like(std)
+        if eps is None:
+            eps = torch.randn_like(std)
         return mu + eps * std
 
-    def forward(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """Returns (reconstruction logits, mu, logvar)."""
+    def forward(self, x: Tensor, eps: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+        """Returns (reconstruction logits, mu, logvar). `eps`, if given, is the N(0, I) noise to use
+        (distributed training draws it for the global batch and hands each rank its rows)."""
         mu, logvar = self.encode(x)
-        z = self.reparameterize(mu, logvar)
+        z = self.reparameterize(mu, logvar, eps)
         return self.decode_logits(z), mu, logvar
 
 

@@ -6,11 +6,19 @@ binarization) happens on whole batches. Everything random in epoch e (permutatio
 the reparameterization noise) is seeded from (seed, e), and the learning rate is a pure function of
 the global step, so the epoch-e checkpoint (weights + optimizer state) is all a resumed run needs to
 replay exactly what an uninterrupted run would have done.
+
+Under torchrun (WORLD_SIZE > 1) every rank draws the same permutation, binarization and noise for
+the global batch of train.batch_size and trains on its own rows of it; DistributedDataParallel
+averages the gradients, so N processes follow the trajectory of one (up to float reduction order).
+Rank 0 alone writes the checkpoint, the DVC outputs and the MLflow run.
 """
 
 import csv
 import json
 import math
+import os
+import subprocess
+import sys
 import time
 import zipfile
 from contextlib import nullcontext
@@ -20,6 +28,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from torch import Tensor
 
 from vaeops import tracking
@@ -44,7 +53,8 @@ CURVE_COLUMNS = [
     "images_per_s",
 ]
 # Params that do not change the trained weights may differ between a run and its resumption.
-RESUME_FREE = {"resume", "log_every_steps", "device", "threads", "compile", "experiment"}
+# train.nproc only changes float reduction order.
+RESUME_FREE = {"resume", "log_every_steps", "device", "threads", "compile", "experiment", "nproc"}
 # Curve columns → MLflow metric names (DESIGN.md: train/elbo, val/kl, ... in nats per image).
 METRIC_NAMES = {c: c.replace("_", "/", 1) for c in CURVE_COLUMNS[1:7]} | {
     "lr": "lr",
@@ -94,6 +104,27 @@ def load_data(folder: Path) -> tuple[Tensor, Tensor, dict[str, Any]]:
     if len(val) == 0:
         raise UsageError(f"{folder}/val.npz: no images; set preprocess.val_size > 0")
     return train, val, meta
+
+
+def world() -> tuple[int, int]:
+    """(rank, world size) as torchrun sets them; (0, 1) for a plain single process."""
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+
+
+def launch(nproc: int, args: list[str]) -> int:
+    """Run `vaeops <args>` again as nproc torchrun workers on this machine; returns torchrun's exit code
+    (1 when any worker failed). Workers see WORLD_SIZE, so they train instead of relaunching."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc), "--standalone"]
+    log(f"train.nproc = {nproc}: relaunching under torchrun")
+    return subprocess.call([*cmd, "-m", "vaeops.cli", *args])
+
+
+def all_sum(t: Tensor) -> Tensor:
+    """Sum of t over ranks (t itself when there is one process)."""
+    if world()[1] > 1:
+        t = t.clone()
+        dist.all_reduce(t)
+    return t
 
 
 def resolve_device(name: str) -> torch.device:
@@ -250,12 +281,19 @@ def make_loop(params: TrainParams, data: Tensor, device: torch.device) -> Loop:
     cuda = device.type == "cuda"
     torch.manual_seed(params.seed)
     model = build_model(params.arch, tuple(data.shape[1:]), params.latent_dim, params.hidden_dim).to(device)
+    net: torch.nn.Module = model
+    if world()[1] > 1:
+        # Batch statistics over the global batch, as one process would see them. SyncBatchNorm runs
+        # on GPUs only: on CPU each rank normalizes its own rows (conv only; mlp has no BatchNorm).
+        if cuda:
+            model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if cuda else None)
     return Loop(
         params,
         model,
         make_optimizer(params, model),
         data.to(device),
-        forward=torch.compile(model) if params.compile and cuda else model,
+        forward=torch.compile(net) if params.compile and cuda else net,
         autocast=torch.autocast("cuda", dtype=torch.bfloat16) if params.bf16 and cuda else nullcontext(),
     )
 
@@ -264,6 +302,8 @@ def train_epoch(loop: Loop, epoch: int, bar: Any = None) -> dict[str, Any]:
     """One pass over a seeded permutation of the data; returns mean recon and KL per image, and more."""
     p, model, opt, bs = loop.params, loop.model, loop.opt, loop.batch
     device = loop.data.device
+    rank, size = world()
+    mine = slice(rank * bs // size, (rank + 1) * bs // size)  # this rank's rows of each global batch
     total_steps, kl_warmup_steps = loop.steps * p.epochs, loop.steps * p.kl_warmup_epochs
     # Checking finiteness reads the loss back: free on CPU, a sync on a GPU, so only now and then there.
     check_every = p.log_every_steps if device.type == "cuda" else 1
@@ -280,26 +320,38 @@ def train_epoch(loop: Loop, epoch: int, bar: Any = None) -> dict[str, Any]:
         lr = lr_at(step, total_steps, p)
         for group in opt.param_groups:
             group["lr"] = lr
-        x = scale(loop.data[perm[i * bs : (i + 1) * bs]], p.binarize, gen)
+        # Every rank draws the whole global batch's binarization and noise, then keeps its rows.
+        x = scale(loop.data[perm[i * bs : (i + 1) * bs]], p.binarize, gen)[mine]
+        eps = torch.randn(bs, p.latent_dim, device=device)[mine]
         with loop.autocast:
-            logits, mu, logvar = loop.forward(x)
+            logits, mu, logvar = loop.forward(x, eps)
         recon, kl = elbo_terms(logits.float(), x, mu.float(), logvar.float())
-        # Mean over the batch of the per-image loss, so the learning rate does not scale with batch size.
+        # Mean over the batch of the per-image loss, so the learning rate does not scale with batch size
+        # (DDP averages the ranks' gradients of their equal shares: the global batch's mean).
         loss = (recon + beta_at(step, kl_warmup_steps, p.beta) * kl).mean()
-        if (i + 1) % check_every == 0 and not torch.isfinite(loss):
-            raise NonFinite(i + 1, f"loss {loss.item()}")
+        checked = (i + 1) % check_every == 0
+        logged = (step + 1) % p.log_every_steps == 0
+        if checked or logged:
+            # Averaged over ranks, so all ranks see the same value and stop together on a NaN.
+            loss_all = all_sum(loss.detach()) / size
+        if checked and not torch.isfinite(loss_all):
+            raise NonFinite(i + 1, f"loss {loss_all.item()}")
         opt.zero_grad(set_to_none=True)
         loss.backward()
         if p.grad_clip:
             torch.nn.utils.clip_grad_norm_(model.parameters(), p.grad_clip)
         opt.step()
         sums += torch.stack([recon.sum(), kl.sum()]).detach()
-        if (step + 1) % p.log_every_steps == 0:
-            step_losses.append((step + 1, loss.detach()))
+        if logged:
+            step_losses.append((step + 1, loss_all))
         if task is not None and i % 20 == 0:
             ips = (i + 1) * bs / (time.perf_counter() - t0)
             bar.update(task, completed=i + 1, info=f"loss {loss.item():.2f}  {ips:,.0f} img/s")
-    recon_mean, kl_mean = (sums / (loop.steps * bs)).tolist()
+    recon_mean, kl_mean = (all_sum(sums) / (loop.steps * bs)).tolist()
+    if size > 1:
+        # BatchNorm running stats (conv on CPU) differ per rank: keep rank 0's, which it checkpoints.
+        for buf in model.buffers():
+            dist.broadcast(buf, 0)
     seconds = time.perf_counter() - t0
     if not math.isfinite(recon_mean + kl_mean):
         raise NonFinite(loop.steps, "the epoch's mean loss")
@@ -314,14 +366,24 @@ def train_epoch(loop: Loop, epoch: int, bar: Any = None) -> dict[str, Any]:
 
 
 def run(params: TrainParams, paths: Paths) -> dict[str, Any]:
-    """Train, checkpointing each epoch; returns (and writes to paths.metrics) the final train/val terms."""
+    """Train, checkpointing each epoch; returns (and writes to paths.metrics) the final train/val terms.
+
+    Under torchrun, joins the process group for the run; ranks other than 0 write nothing, return {}."""
     previous = torch.get_num_threads()
     if params.threads:
         torch.set_num_threads(params.threads)
+    distributed = world()[1] > 1 and not dist.is_initialized()
+    if distributed:
+        device = resolve_device(params.device)
+        if device.type == "cuda":
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     try:
         return _run(params, paths)
     finally:
         torch.set_num_threads(previous)  # the setting is process-wide: leave it as it was
+        if distributed:
+            dist.destroy_process_group()
 
 
 def _run(params: TrainParams, paths: Paths) -> dict[str, Any]:
@@ -329,6 +391,10 @@ def _run(params: TrainParams, paths: Paths) -> dict[str, Any]:
     from mlflow.entities import Metric
 
     device = resolve_device(params.device)
+    if device.type == "cuda" and dist.is_initialized():
+        device = torch.device("cuda", torch.cuda.current_device())
+    rank, size = world()
+    lead = rank == 0
     if (params.bf16 or params.compile) and device.type != "cuda":
         log("train.bf16 / train.compile apply on CUDA only; ignored on cpu")
     train_u8, val_u8, meta = load_data(paths.data)
@@ -342,6 +408,11 @@ def _run(params: TrainParams, paths: Paths) -> dict[str, Any]:
         "binarize": params.binarize,
     }
     state = _resume_state(params, paths.model, config)
+    if min(params.batch_size, len(train_u8)) % size:
+        raise UsageError(
+            f"train.batch_size = {params.batch_size} (global) does not split evenly over {size} processes; "
+            f"use a multiple of {size}"
+        )
     loop = make_loop(params, train_u8, device)
     if state is not None:
         loop.model.load_state_dict(state["model"])
@@ -365,22 +436,24 @@ def _run(params: TrainParams, paths: Paths) -> dict[str, Any]:
             + (f"{paths.model} keeps epoch {kept}, the last good one" if kept else f"{paths.model} untouched")
         )
 
-    with _start_run(params, state, {"dataset": config["dataset"], "arch": params.arch}) as mlrun:
-        run_id = mlrun.info.run_id
-        if state is None:
+    tags = {"dataset": config["dataset"], "arch": params.arch}
+    # Only rank 0 opens (or re-enters) the MLflow run; the other ranks train and write nothing.
+    with _start_run(params, state, tags) if lead else nullcontext() as mlrun:
+        run_id = mlrun.info.run_id if lead else ""
+        if lead and state is None:
             mlflow.log_params(
                 tracking.flatten({"train": params.model_dump(), "data": {"dataset": config["dataset"]}})
                 | {"data.image_shape": "x".join(map(str, shape)), "data.train_images": len(train_u8)}
             )
-        else:
+        elif lead:
             log(f"resuming MLflow run {run_id} after epoch {start} of {params.epochs}")
-        client = mlflow.MlflowClient()
+        client = mlflow.MlflowClient() if lead else None
 
         for epoch in range(start + 1, params.epochs + 1):
             t0 = time.perf_counter()
             try:
                 with step_bar() as bar:
-                    ep = train_epoch(loop, epoch, None if bar.disable else bar)
+                    ep = train_epoch(loop, epoch, None if bar.disable or not lead else bar)
             except NonFinite as e:
                 raise diverged(epoch, e.step, e.what) from None
             val_recon, val_kl = evaluate(loop.model, val_x, loop.autocast)
@@ -398,6 +471,9 @@ def _run(params: TrainParams, paths: Paths) -> dict[str, Any]:
                 "images_per_s": ep["images_per_s"],
             }
             curve.append(row)
+            if not lead:
+                kept = epoch  # rank 0 saves it; should it fail, torchrun stops every rank
+                continue
 
             # MLflow before the checkpoint: an interrupt in between replays this epoch and logs the
             # same values again, rather than leaving a hole in the curves.
@@ -425,6 +501,8 @@ def _run(params: TrainParams, paths: Paths) -> dict[str, Any]:
                 f"lr {ep['lr']:.2e}  {ep['images_per_s']:,.0f} img/s  {time.perf_counter() - t0:.1f} s"
             )
 
+        if not lead:
+            return {}
         write_curve(paths.curve, curve)
         tracking.write_run_file(paths.run_file, run_id, mlrun.info.experiment_id)
         save_png(paths.samples, figures(loop.model, z_fixed, shown)[0])

@@ -65,7 +65,8 @@ def main() -> None:
     arch |= {k: ours.pop(k) for k in ("threads",) if k in ours}
     recipes = [] if args.skip_examples else [("(a) pytorch/examples: adam 1e-3 constant", EXAMPLES | arch)]
     recipes.append(("(b) vaeops " + (" ".join(args.overrides) or "defaults"), ours | arch))
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; params: {args.params}")
+    threads = arch.get("threads") or torch.get_num_threads()
+    print(f"torch {torch.__version__}, {threads} threads; params: {args.params}")
     print(f"(b) uses: {params.model_copy(update=ours | arch).model_dump()}")
     print("\n| recipe | arch | epochs | test −ELBO | val −ELBO | train s |")
     print("|---|---|---:|---:|---:|---:|")

@@ -2,6 +2,10 @@
 
 import csv
 import json
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import mlflow
@@ -229,6 +233,28 @@ def test_cli_divergent_lr_exits_1_with_one_line_and_keeps_checkpoint(project):
     assert "learning rate is likely too high" in lines[-1] and "train.lr = 1000000.0" in lines[-1]
     assert "Traceback" not in res.stderr
     assert {p: (project / p).read_bytes() for p in before} == before
+
+
+def test_cli_ctrl_c_leaves_a_loadable_checkpoint_that_resume_accepts(project):
+    write_params(project, epochs=200)
+    exe = Path(sys.executable).with_name("vaeops")
+    proc = subprocess.Popen([str(exe), "train"], cwd=project, stderr=subprocess.PIPE, text=True)
+    ckpt = project / "models/vae.pt"
+    deadline = time.monotonic() + 300
+    while not ckpt.exists() and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert "interrupted: models/vae.pt holds the last finished epoch" in err and "Traceback" not in err
+    epoch = load_checkpoint(ckpt)["epoch"]
+    assert 1 <= epoch < 200
+    assert not list(ckpt.parent.glob(".vae.pt.*"))  # no temp file left behind
+
+    write_params(project, epochs=200, resume=True)
+    params = yaml.safe_load((project / "params.yaml").read_text())["train"]
+    state = train._resume_state(TrainParams(**params), ckpt, load_checkpoint(ckpt)["config"])
+    assert state is not None and state["epoch"] == epoch
 
 
 def test_cli_path_options_and_bad_data(project):

@@ -88,3 +88,17 @@ def test_two_processes_follow_one_process_and_only_rank_0_records(tmp_path, monk
     la = [m.value for m in client.get_metric_history(one_id, "train/loss")]
     lb = [m.value for m in client.get_metric_history(run_id, "train/loss")]
     assert len(lb) == 4 and lb == pytest.approx(la, rel=RTOL)  # 8 steps an epoch, every 4th logged
+
+
+def test_nproc_needs_a_global_batch_it_can_split(tmp_path, monkeypatch):
+    isolate_mlflow(monkeypatch, tmp_path)
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    params["train"].update(nproc=2, batch_size=63)
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    res = run_cli("train", "--data", "nowhere", cwd=tmp_path)
+    assert res.returncode == 2 and "Traceback" not in res.stderr
+    assert res.stderr.strip().splitlines()[-1] == (
+        "error: train.batch_size = 63 (global) does not split evenly over train.nproc = 2 processes; "
+        "use a multiple of 2"
+    )
+    assert not (tmp_path / "models").exists()

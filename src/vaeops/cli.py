@@ -78,7 +78,7 @@ def train(
     p = load_params(params_file).train
     if p.nproc > 1 and train.world()[1] == 1:
         # Not under torchrun yet: run this same command as train.nproc workers (see README, DDP).
-        raise typer.Exit(train.launch(p.nproc, sys.argv[1:]))
+        raise typer.Exit(train.launch(p, sys.argv[1:]))
     try:
         train.run(p, train.Paths(data, model, run_file, metrics, curve, samples))
     except KeyboardInterrupt:

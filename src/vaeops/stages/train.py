@@ -17,8 +17,6 @@ import csv
 import json
 import math
 import os
-import subprocess
-import sys
 import time
 import zipfile
 from contextlib import nullcontext
@@ -111,12 +109,28 @@ def world() -> tuple[int, int]:
     return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
 
 
-def launch(nproc: int, args: list[str]) -> int:
-    """Run `vaeops <args>` again as nproc torchrun workers on this machine; returns torchrun's exit code
-    (1 when any worker failed). Workers see WORLD_SIZE, so they train instead of relaunching."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc), "--standalone"]
+def launch(params: TrainParams, args: list[str]) -> int:
+    """Run `vaeops <args>` again as nproc workers, as `torchrun --standalone --nproc-per-node nproc -m
+    vaeops.cli <args>` would; returns the first failed worker's exit code (2 for bad usage), else 0.
+    Workers see WORLD_SIZE, so they train instead of relaunching."""
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import get_args_parser
+    from torch.distributed.run import run as torchrun
+
+    nproc = params.nproc
+    if params.batch_size % nproc:  # fail here, once, rather than in every worker
+        raise UsageError(
+            f"train.batch_size = {params.batch_size} (global) does not split evenly over train.nproc = "
+            f"{nproc} processes; use a multiple of {nproc}"
+        )
     log(f"train.nproc = {nproc}: relaunching under torchrun")
-    return subprocess.call([*cmd, "-m", "vaeops.cli", *args])
+    argv = ["--nproc-per-node", str(nproc), "--standalone", "-m", "vaeops.cli", *args]
+    try:
+        torchrun(get_args_parser().parse_args(argv))
+    except ChildFailedError as e:
+        # The workers printed their own `error:` line; torchrun's traceback would only bury it.
+        return next(iter(e.failures.values())).exitcode or 1
+    return 0
 
 
 def all_sum(t: Tensor) -> Tensor:
@@ -136,11 +150,16 @@ def resolve_device(name: str) -> torch.device:
 
 
 def make_optimizer(params: TrainParams, model: torch.nn.Module) -> torch.optim.Optimizer:
+    # fused: one kernel per parameter instead of ~10 elementwise passes; ~15% of a CPU mlp epoch.
     if params.optimizer == "sgd":
         return torch.optim.SGD(
-            model.parameters(), lr=params.lr, momentum=params.momentum, weight_decay=params.weight_decay
+            model.parameters(),
+            lr=params.lr,
+            momentum=params.momentum,
+            weight_decay=params.weight_decay,
+            fused=True,
         )
-    return torch.optim.Adam(model.parameters(), lr=params.lr, weight_decay=params.weight_decay)
+    return torch.optim.Adam(model.parameters(), lr=params.lr, weight_decay=params.weight_decay, fused=True)
 
 
 def lr_at(step: int, total_steps: int, params: TrainParams) -> float:

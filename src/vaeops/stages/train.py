@@ -17,6 +17,7 @@ import csv
 import json
 import math
 import os
+import signal
 import time
 import zipfile
 from contextlib import nullcontext
@@ -277,6 +278,35 @@ class NonFinite(Exception):
         self.step, self.what = step, what
 
 
+class StopFlag:
+    """Ctrl-C sets a flag that training checks between steps, so the interrupt never lands inside an
+    MLflow or checkpoint write (SQLite left locked, a half-logged epoch). A second Ctrl-C stops at once."""
+
+    def __init__(self) -> None:
+        self.raised = False
+        self._previous: Any = None
+
+    def __enter__(self) -> "StopFlag":
+        try:
+            self._previous = signal.signal(signal.SIGINT, self._handle)
+        except ValueError:  # not the main thread: Ctrl-C keeps its default behaviour
+            self._previous = None
+        return self
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.raised:
+            raise KeyboardInterrupt
+        self.raised = True
+
+    def __exit__(self, *exc: object) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+
+    def check(self) -> None:
+        if self.raised:
+            raise KeyboardInterrupt
+
+
 @dataclass
 class Loop:
     """Everything one epoch of training needs (`run` builds it; so does benchmarks/train_speed.py)."""
@@ -287,6 +317,7 @@ class Loop:
     data: Tensor  # uint8 N×C×H×W, on the training device
     forward: Any = None  # the model, or its torch.compile'd wrapper
     autocast: Any = field(default_factory=nullcontext)
+    stop: StopFlag = field(default_factory=StopFlag)
 
     def __post_init__(self) -> None:
         self.forward = self.forward or self.model
@@ -360,6 +391,7 @@ def train_epoch(loop: Loop, epoch: int, bar: Any = None) -> dict[str, Any]:
         if p.grad_clip:
             torch.nn.utils.clip_grad_norm_(model.parameters(), p.grad_clip)
         opt.step()
+        loop.stop.check()
         sums += torch.stack([recon.sum(), kl.sum()]).detach()
         if logged:
             step_losses.append((step + 1, loss_all))
@@ -457,7 +489,7 @@ def _run(params: TrainParams, paths: Paths) -> dict[str, Any]:
 
     tags = {"dataset": config["dataset"], "arch": params.arch}
     # Only rank 0 opens (or re-enters) the MLflow run; the other ranks train and write nothing.
-    with _start_run(params, state, tags) if lead else nullcontext() as mlrun:
+    with loop.stop, _start_run(params, state, tags) if lead else nullcontext() as mlrun:
         run_id = mlrun.info.run_id if lead else ""
         if lead and state is None:
             mlflow.log_params(
@@ -469,6 +501,7 @@ def _run(params: TrainParams, paths: Paths) -> dict[str, Any]:
         client = mlflow.MlflowClient() if lead else None
 
         for epoch in range(start + 1, params.epochs + 1):
+            loop.stop.check()  # a Ctrl-C during the last epoch's logging and checkpoint stops here
             t0 = time.perf_counter()
             try:
                 with step_bar() as bar:

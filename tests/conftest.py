@@ -5,6 +5,8 @@ import hashlib
 import os
 import subprocess
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -158,3 +160,37 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+@contextmanager
+def http_server(cmd: list, port: int, cwd: Path, env: dict[str, str], log: Path) -> Iterator[str]:
+    """Run a server in a session of its own until /health answers; stop it by its process id after.
+
+    Its own session, so killing the group also stops the server's worker processes.
+    """
+    import signal
+    import time
+    import urllib.request
+
+    proc = subprocess.Popen(
+        cmd, cwd=cwd, env=env, stdout=subprocess.DEVNULL, stderr=open(log, "w"), start_new_session=True
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 180
+        while True:
+            try:
+                with urllib.request.urlopen(url + "/health", timeout=2):
+                    break
+            except OSError:
+                assert proc.poll() is None, log.read_text()[-2000:]
+                assert time.monotonic() < deadline, f"{cmd[0]} did not answer /health in 180 s"
+                time.sleep(0.5)
+        yield url
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()

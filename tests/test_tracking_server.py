@@ -2,15 +2,13 @@
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import pytest
-from conftest import free_port, write_processed
+from conftest import free_port, http_server, write_processed
 
 pytestmark = pytest.mark.slow
 BIN = Path(sys.executable).parent
@@ -39,27 +37,8 @@ def server(tmp_path):
     ]  # fmt: skip
     env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
     env.pop("MLFLOW_TRACKING_URI", None)
-    proc = subprocess.Popen(
-        cmd, cwd=store, env=env, stdout=subprocess.DEVNULL, stderr=open(tmp_path / "server.log", "w"),
-        start_new_session=True,
-    )  # fmt: skip
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 180
-    while True:
-        try:
-            with urllib.request.urlopen(url + "/health", timeout=2):
-                break
-        except OSError:
-            assert proc.poll() is None, (tmp_path / "server.log").read_text()[-2000:]
-            assert time.monotonic() < deadline, "mlflow server did not start in 180 s"
-            time.sleep(0.5)
-    yield url, store
-    os.killpg(proc.pid, signal.SIGTERM)
-    try:
-        proc.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
+    with http_server(cmd, port, store, env, tmp_path / "server.log") as url:
+        yield url, store
 
 
 def vaeops(*args: str, cwd: Path, uri: str) -> subprocess.CompletedProcess:

@@ -2,15 +2,13 @@
 
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 import urllib.request
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, free_port, write_processed
+from conftest import ROOT, free_port, http_server, write_processed
 
 CHROMIUM = Path("/usr/bin/chromium")
 pytestmark = [
@@ -39,34 +37,9 @@ def ui_server(tmp_path):
     run_id = json.loads((proj / "models/run.json").read_text())["run_id"]
 
     port = free_port()
-    # A session of its own, so stopping it by pid takes the server's worker processes too.
-    server = subprocess.Popen(
-        [bindir / "vaeops", "ui", "--port", str(port)],
-        cwd=proj,
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=open(tmp_path / "ui.log", "w"),
-        start_new_session=True,
-    )
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 180
-    while True:
-        try:
-            with urllib.request.urlopen(url + "/health", timeout=2) as r:
-                if r.status == 200:
-                    break
-        except OSError:
-            pass
-        assert server.poll() is None, (tmp_path / "ui.log").read_text()[-2000:]
-        assert time.monotonic() < deadline, "MLflow UI did not come up in 180 s"
-        time.sleep(0.5)
-    yield url, run_id
-    os.killpg(server.pid, signal.SIGTERM)
-    try:
-        server.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        os.killpg(server.pid, signal.SIGKILL)
-        server.wait()
+    cmd = [str(bindir / "vaeops"), "ui", "--port", str(port)]
+    with http_server(cmd, port, proj, env, tmp_path / "ui.log") as url:
+        yield url, run_id
     with pytest.raises(OSError):
         urllib.request.urlopen(url + "/health", timeout=2)
 

@@ -194,3 +194,15 @@ def http_server(cmd: list, port: int, cwd: Path, env: dict[str, str], log: Path)
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
+
+
+@pytest.fixture(autouse=True)
+def _no_leaked_mlflow_uri(monkeypatch: pytest.MonkeyPatch) -> None:
+    """mlflow.set_tracking_uri() exports MLFLOW_TRACKING_URI into os.environ; undo that after each test,
+    so no later test (or the dvc/vaeops subprocesses it starts) talks to an earlier test's store."""
+    for var in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI"):
+        if var in os.environ:
+            monkeypatch.setenv(var, os.environ[var])
+        else:
+            monkeypatch.setenv(var, "unset")
+            monkeypatch.delenv(var)

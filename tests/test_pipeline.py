@@ -35,6 +35,7 @@ def dvc(*args: str, cwd: Path) -> subprocess.CompletedProcess:
         "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
         "VAEOPS_DATA_MIRROR": str(SHARED / "mnist"),
     }
+    env.pop("MLFLOW_TRACKING_URI", None)  # the embedded store of the copied project
     res = subprocess.run(["dvc", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=900)
     assert res.returncode == 0, res.stdout + res.stderr
     return res

@@ -4,6 +4,7 @@
     (batch 128, shuffle), sigmoid decoder output, BCE summed, loss.item() every step.
 (b) ours: vaeops.stages.train.train_epoch — the split as one uint8 tensor, seeded permutation,
     whole-batch scaling, BCE-with-logits, sums kept on the device.
+(c) with --bf16: (b) under train.bf16, bf16 autocast on the CPU (pays off with AVX512-BF16 or AMX).
 
 Both train the same models (vaeops MLPVAE / ConvVAE) with Adam at batch 128 on the processed train
 split. Each is warmed up on a few batches, then the two are timed alternately, whole epochs each
@@ -75,9 +76,9 @@ def baseline(arch: str, ds) -> Callable[[], int]:
     return lambda: baseline_epoch(model, opt, loader)
 
 
-def ours(arch: str, images: torch.Tensor, epochs: int) -> Callable[[], int]:
+def ours(arch: str, images: torch.Tensor, epochs: int, bf16: bool = False) -> Callable[[], int]:
     """vaeops' loop with the default params, warmed up; the returned function trains one epoch."""
-    params = TrainParams(arch=arch, epochs=epochs + 1, device="cpu")
+    params = TrainParams(arch=arch, epochs=epochs + 1, device="cpu", bf16=bf16)
     loop = train.make_loop(params, images[: 128 * 5], torch.device("cpu"))
     train.train_epoch(loop, 1)  # warm-up on a few batches, like the baseline
     loop.data = images
@@ -97,6 +98,13 @@ def timed(epoch: Callable[[], int]) -> tuple[float, int]:
     return time.perf_counter() - t0, seen
 
 
+NAMES = {
+    "a": "(a) pytorch/examples DataLoader+ToTensor",
+    "b": "(b) vaeops in-memory",
+    "c": "(c) vaeops in-memory, train.bf16",
+}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--data", type=Path, default=ROOT / "data/processed/train.npz")
@@ -104,6 +112,7 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=3, help="timed epochs per arch and loop")
     ap.add_argument("--conv-images", type=int, default=10000, help="conv epochs use this many images")
     ap.add_argument("--archs", default="mlp,conv")
+    ap.add_argument("--bf16", action="store_true", help="add (c): ours with train.bf16 (CPU autocast)")
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads for both loops (0 = default)")
     args = ap.parse_args()
     if args.threads:
@@ -118,27 +127,24 @@ def main() -> None:
             n = len(images) if arch == "mlp" else min(args.conv_images, len(images))
             ds = torchvision_mnist(images[:n], labels[:n], args.raw, Path(tmp) / arch)
             loops = {"a": baseline(arch, ds), "b": ours(arch, images[:n], args.epochs)}
-            # Alternate the two loops epoch by epoch, so a burst of load elsewhere on a shared machine
-            # hits both; the best epoch of each is the least disturbed measurement.
+            if args.bf16:
+                loops["c"] = ours(arch, images[:n], args.epochs, bf16=True)
+            # Alternate the loops epoch by epoch, so a burst of load elsewhere on a shared machine hits
+            # each of them; the best epoch of each is its least disturbed measurement.
             times: dict[str, list[tuple[float, int]]] = {k: [] for k in loops}
             for _ in range(args.epochs):
                 for k, epoch in loops.items():
                     times[k].append(timed(epoch))
-            best = {k: min(v) for k, v in times.items()}
-            rows.append(
-                (
-                    arch,
-                    n,
-                    *((t, seen / t, [round(s, 2) for s, _ in times[k]]) for k, (t, seen) in best.items()),
-                )
-            )
+            rows.append((arch, n, times))
 
     print("\n| arch | images/epoch | loop | best s/epoch | images/s | speed-up | all epochs (s) |")
     print("|---|---:|---|---:|---:|---:|---|")
-    for arch, n, (bs, bi, ball), (os_, oi, oall) in rows:
-        a, b = "(a) pytorch/examples DataLoader+ToTensor", "(b) vaeops in-memory"
-        print(f"| {arch} | {n} | {a} | {bs:.2f} | {bi:,.0f} | 1.00x | {ball} |")
-        print(f"| {arch} | {n} | {b} | {os_:.2f} | {oi:,.0f} | {bs / os_:.2f}x | {oall} |")
+    for arch, n, times in rows:
+        base = min(times["a"])[0]
+        for k, runs in times.items():
+            t, seen = min(runs)
+            every = [round(s, 2) for s, _ in runs]
+            print(f"| {arch} | {n} | {NAMES[k]} | {t:.2f} | {seen / t:,.0f} | {base / t:.2f}x | {every} |")
 
 
 if __name__ == "__main__":

@@ -151,6 +151,14 @@ def test_interrupted_then_resumed_equals_uninterrupted(project, monkeypatch, arc
     assert [r["epoch"] for r in read_curve(resumed.curve)] == [1, 2, 3]
 
 
+def test_bf16_autocast_trains_on_cpu(project):
+    result = train.run(TrainParams(**TINY | {"epochs": 2, "bf16": True}), paths(project))
+    curve = read_curve(project / "reports/train_curve.csv")
+    assert curve[0]["train_elbo"] < curve[1]["train_elbo"] and result["val"]["elbo"] > -150
+    state = load_checkpoint(project / "models/vae.pt")
+    assert all(t.dtype == torch.float32 for t in state["model"].values() if t.is_floating_point())
+
+
 def test_resume_refuses_changed_params(project):
     params = TrainParams(**TINY | {"epochs": 1})
     train.run(params, paths(project))

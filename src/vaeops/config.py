@@ -63,7 +63,7 @@ class TrainParams(Section):
     # CPU threads for torch (0 = torch's default, one per core). On a shared, busy machine 1 can be
     # many times faster: every op waits for its slowest thread to be scheduled.
     threads: int = Field(0, ge=0, description="torch CPU threads (0 = one per core)")
-    bf16: bool = Field(False, description="CUDA only: bf16 autocast")
+    bf16: bool = Field(False, description="bf16 autocast (CUDA, or CPUs with AVX512-BF16/AMX)")
     compile: bool = Field(False, description="CUDA only: torch.compile the model")
     resume: bool = Field(False, description="continue from models/vae.pt")
     log_every_steps: int = Field(100, ge=1, description="log the train loss to MLflow every N steps")

@@ -344,7 +344,8 @@ def make_loop(params: TrainParams, data: Tensor, device: torch.device) -> Loop:
         make_optimizer(params, model),
         data.to(device),
         forward=torch.compile(net) if params.compile and cuda else net,
-        autocast=torch.autocast("cuda", dtype=torch.bfloat16) if params.bf16 and cuda else nullcontext(),
+        # bf16 autocast: GEMMs in bfloat16 with fp32 accumulation (GPUs; CPUs with AVX512-BF16 or AMX).
+        autocast=torch.autocast(device.type, dtype=torch.bfloat16) if params.bf16 else nullcontext(),
     )
 
 
@@ -446,8 +447,8 @@ def _run(params: TrainParams, paths: Paths) -> dict[str, Any]:
         device = torch.device("cuda", torch.cuda.current_device())
     rank, size = world()
     lead = rank == 0
-    if (params.bf16 or params.compile) and device.type != "cuda":
-        log("train.bf16 / train.compile apply on CUDA only; ignored on cpu")
+    if params.compile and device.type != "cuda":
+        log("train.compile applies on CUDA only; ignored on cpu")
     train_u8, val_u8, meta = load_data(paths.data)
     shape = tuple(int(d) for d in meta["image_shape"])
     config = {

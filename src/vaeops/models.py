@@ -127,6 +127,15 @@ class ConvVAE(VAE):
         return self.decoder_conv(self.decoder_fc(z).view(-1, *self.feat))
 
 
+def resolve_device(name: str, key: str) -> torch.device:
+    """`auto` | `cpu` | `cuda` (the value of params key `key`) → a torch device; cuda must exist."""
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UsageError(f"{key} = 'cuda' but no CUDA device is available; use 'auto' or 'cpu'")
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.device(name)
+
+
 def build_model(arch: str, image_shape: tuple[int, int, int], latent_dim: int, hidden_dim: int) -> VAE:
     if arch == "mlp":
         return MLPVAE(image_shape, latent_dim, hidden_dim)

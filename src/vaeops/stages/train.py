@@ -36,7 +36,7 @@ from vaeops.errors import UsageError, WorkError
 from vaeops.figures import grid, save_png
 from vaeops.io import atomic_path, write_json
 from vaeops.losses import elbo_terms
-from vaeops.models import VAE, build_model, checkpoint, load_checkpoint, save_checkpoint
+from vaeops.models import VAE, build_model, checkpoint, load_checkpoint, resolve_device, save_checkpoint
 from vaeops.progress import log, step_bar
 from vaeops.stages.preprocess import load_split
 
@@ -140,14 +140,6 @@ def all_sum(t: Tensor) -> Tensor:
         t = t.clone()
         dist.all_reduce(t)
     return t
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "cuda" and not torch.cuda.is_available():
-        raise UsageError("train.device = 'cuda' but no CUDA device is available; use 'auto' or 'cpu'")
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    return torch.device(name)
 
 
 def make_optimizer(params: TrainParams, model: torch.nn.Module) -> torch.optim.Optimizer:
@@ -426,7 +418,7 @@ def run(params: TrainParams, paths: Paths) -> dict[str, Any]:
         torch.set_num_threads(params.threads)
     distributed = world()[1] > 1 and not dist.is_initialized()
     if distributed:
-        device = resolve_device(params.device)
+        device = resolve_device(params.device, "train.device")
         if device.type == "cuda":
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
@@ -442,7 +434,7 @@ def _run(params: TrainParams, paths: Paths) -> dict[str, Any]:
     import mlflow
     from mlflow.entities import Metric
 
-    device = resolve_device(params.device)
+    device = resolve_device(params.device, "train.device")
     if device.type == "cuda" and dist.is_initialized():
         device = torch.device("cuda", torch.cuda.current_device())
     rank, size = world()

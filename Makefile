@@ -7,6 +7,7 @@ UV := $(shell command -v uv 2>/dev/null || echo python3 -m uv)
 setup:  ## create .venv from uv.lock (bootstraps uv with pip if missing)
 	@command -v uv >/dev/null 2>&1 || python3 -m uv --version >/dev/null 2>&1 || python3 -m pip install --quiet 'uv>=0.5'
 	$(UV) sync --frozen
+	.venv/bin/python -m vaeops.plots
 	@echo "ready: source .venv/bin/activate (or prefix commands with 'uv run')"
 
 system-deps:  ## Debian packages some tests use: Fashion-MNIST's system copy, Chromium for the UI test

@@ -5,6 +5,7 @@ import hashlib
 import http.server
 import socket
 import threading
+import time
 from collections.abc import Iterator
 from functools import partial
 from pathlib import Path
@@ -38,6 +39,52 @@ def serve() -> Iterator:
 class QuietHandler(http.server.SimpleHTTPRequestHandler):
     def log_message(self, *args: object) -> None:
         pass
+
+
+class TrickleHandler(http.server.BaseHTTPRequestHandler):
+    """Serves train-images a byte at a time, never silent for long (only a whole-file deadline ends
+    it), in the headers or in the body; 404 for every other file. Stops by itself after 30 s."""
+
+    in_headers = False
+
+    def do_GET(self) -> None:
+        if not self.path.startswith("/train-images"):
+            self.send_error(404)
+            return
+        if self.in_headers:
+            self.wfile.write(b"HTTP/1.1 200 OK\r\nX-Slow: ")
+        else:
+            self.send_response(200)
+            self.send_header("Content-Length", "1000000")
+            self.end_headers()
+        stop = time.monotonic() + 30
+        try:
+            while time.monotonic() < stop:
+                self.wfile.write(b"a")
+                self.wfile.flush()
+                time.sleep(0.01)
+        except OSError:  # the client hung up
+            pass
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+@pytest.fixture
+def trickle() -> Iterator:
+    servers = []
+
+    def start(in_headers: bool = False) -> str:
+        handler = type("Handler", (TrickleHandler,), {"in_headers": in_headers})
+        srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+        threading.Thread(target=srv.serve_forever, daemon=True).start()
+        servers.append(srv)
+        return f"http://127.0.0.1:{srv.server_address[1]}/"
+
+    yield start
+    for srv in servers:
+        srv.shutdown()
+        srv.server_close()
 
 
 @pytest.fixture
@@ -101,6 +148,45 @@ def test_all_sources_fail_lists_each_and_leaves_nothing(tmp_path, tiny_registry,
     assert f"{empty}: HTTP 404" in msg
     assert "no-system-datasets/mnist: no train-images-idx3-ubyte(.gz) there" in msg
     assert tree(out) == {}
+
+
+# Each read is answered well within data.timeout_s; only the whole-file deadline (10×) can end it.
+SLOW = DataParams(timeout_s=0.2).timeout_s
+
+
+@pytest.mark.parametrize("in_headers", [False, True], ids=["body", "headers"])
+def test_trickling_source_hits_the_file_deadline_and_the_next_one_serves(
+    tmp_path, tiny_registry, serve, trickle, in_headers
+):
+    slow = trickle(in_headers)
+    good = serve(write_set(tmp_path / "good", tiny_registry))
+    start = time.monotonic()
+    used = download.run(DataParams(mirrors=[slow, good], timeout_s=SLOW), tmp_path / "out")
+    took = time.monotonic() - start
+    assert set(used.values()) == {good}
+    assert download.FILE_DEADLINE * SLOW <= took < download.FILE_DEADLINE * SLOW + 10
+    assert (tmp_path / "out/train-images-idx3-ubyte").read_bytes() == tiny_registry["train-images-idx3-ubyte"]
+
+
+def test_timeout_description_states_the_file_deadline():
+    assert f"{download.FILE_DEADLINE}× that" in DataParams.model_fields["timeout_s"].description
+
+
+def test_cli_only_a_trickling_source_exits_1_with_its_reason(tmp_path, trickle):
+    slow = trickle()
+    write_params(tmp_path, f"data:\n  mirrors: ['{slow}']\n  timeout_s: {SLOW}\n")
+    res = run_cli("download", cwd=tmp_path, timeout=60)
+    assert res.returncode == 1, res.stderr
+    assert "Traceback" not in res.stderr
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: could not get mnist/train-images-idx3-ubyte"), (
+        lines
+    )
+    deadline = download.FILE_DEADLINE * SLOW
+    assert (
+        f"{slow}: not complete after {deadline:g} s (data.timeout_s = {SLOW:g} bounds each read" in lines[0]
+    )
+    assert tree(tmp_path / "data") == {}
 
 
 def test_env_mirror_folder_comes_first(tmp_path, tiny_registry, monkeypatch, dead_url):

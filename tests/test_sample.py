@@ -9,6 +9,7 @@ import onnxruntime as ort
 import pytest
 import torch
 from conftest import run_cli, tiny_vae, tree
+from onnx import TensorProto, helper, numpy_helper
 from PIL import Image
 
 from vaeops.stages import export
@@ -41,9 +42,80 @@ def bad_inputs(tmp_path_factory):
         export.to_onnx(encoder, torch.rand(2, *SHAPE), "image", ["mu", "logvar"], 18), folder / "encoder.onnx"
     )
     np.save(folder / "narrow.npy", np.zeros((4, LATENT - 1), np.float32))
+    np.save(folder / "cube.npy", np.zeros((2, 2, LATENT), np.float32))
+    np.save(folder / "nan.npy", np.full((3, LATENT), np.nan, np.float32))
+    np.save(folder / "huge.npy", np.full((3, LATENT), 1e300))  # finite float64, inf as float32
+    np.save(folder / "empty.npy", np.zeros((0, LATENT), np.float32))
+    np.save(folder / "complex.npy", np.zeros((3, LATENT), np.complex64))
+    linear_decoder(folder / "int_input.onnx", "batch", TensorProto.INT64)
     (folder / "junk.onnx").write_text("this is not a model\n")
     (folder / "junk.npy").write_text("nor is this an array\n")
     return folder
+
+
+def linear_decoder(path, batch, elem=TensorProto.FLOAT):
+    """A hand-made decoder z → sigmoid(z W) as 1×28×28 images, with the given batch dim and element
+    type (one that torch's exporter would not write); returns W."""
+    dtype = {TensorProto.FLOAT: np.float32, TensorProto.DOUBLE: np.float64}.get(elem, np.float32)
+    w = np.random.default_rng(0).standard_normal((LATENT, 28 * 28)).astype(dtype)
+    nodes = [
+        helper.make_node("Cast", ["z"], ["zf"], to=TensorProto.FLOAT if elem == TensorProto.INT64 else elem),
+        helper.make_node("MatMul", ["zf", "w"], ["h"]),
+        helper.make_node("Sigmoid", ["h"], ["s"]),
+        helper.make_node("Reshape", ["s", "shape"], ["image"]),
+    ]
+    out_elem = TensorProto.FLOAT if elem == TensorProto.INT64 else elem
+    graph = helper.make_graph(
+        nodes,
+        "linear",
+        [helper.make_tensor_value_info("z", elem, [batch, LATENT])],
+        [helper.make_tensor_value_info("image", out_elem, [batch, *SHAPE])],
+        initializer=[
+            numpy_helper.from_array(w, "w"),
+            numpy_helper.from_array(np.array([-1, *SHAPE], np.int64), "shape"),
+        ],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)], ir_version=9)
+    onnx.checker.check_model(model)
+    onnx.save_model(model, path)
+    return w
+
+
+def expected_images(z, w):
+    return (1 / (1 + np.exp(-(z.astype(w.dtype) @ w)))).reshape(len(z), *SHAPE)
+
+
+@pytest.mark.parametrize(
+    "batch, elem",
+    [(1, TensorProto.FLOAT), (4, TensorProto.FLOAT), ("batch", TensorProto.DOUBLE)],
+    ids=["fixed batch 1", "fixed batch 4", "float64 input"],
+)
+def test_decoders_with_a_fixed_batch_or_float64_input(tmp_path, batch, elem):
+    """A fixed batch is decoded that many latents at a time (the last call padded); latents are cast
+    to the input type the model declares."""
+    w = linear_decoder(tmp_path / "d.onnx", batch, elem)
+    args = ["sample", "--model", "d.onnx", "-n", "5", "--seed", "2", "--format", "npy", "-o", "x.npy"]
+    res = run_cli(*args, cwd=tmp_path)
+    assert res.returncode == 0, res.stderr
+    images = np.load(tmp_path / "x.npy")
+    z = np.random.default_rng(2).standard_normal((5, LATENT), dtype=np.float32)
+    assert images.dtype == w.dtype
+    np.testing.assert_allclose(images, expected_images(z, w), rtol=1e-5, atol=1e-6)
+    res = run_cli("sample", "--model", "d.onnx", "-n", "3", "-o", "x.png", cwd=tmp_path)
+    assert res.returncode == 0 and Image.open(tmp_path / "x.png").size == (2 * 30 + 2, 2 * 30 + 2)
+
+
+@pytest.fixture(scope="module")
+def big_z(tmp_path_factory):
+    """A header claiming 10⁹ latents over a sparse file: refused before any of it is read. Kept out
+    of the test's folder, whose every file the test reads."""
+    path = tmp_path_factory.mktemp("big") / "big.npy"
+    with open(path, "wb") as f:
+        np.lib.format.write_array_header_1_0(
+            f, {"descr": "<f4", "fortran_order": False, "shape": (10**9, LATENT)}
+        )
+        f.truncate(f.tell() + 10**9 * LATENT * 4)
+    return path
 
 
 def ort_decode(path, z):
@@ -124,9 +196,21 @@ def test_conv_decoder_with_odd_image_size(tmp_path):
         "bad format",
         "output is a folder",
         "unwritable output",
+        "model is a folder",
+        "int input",
+        "seed negative",
+        "nrow negative",
+        "nrow above n",
+        "n beyond memory",
+        "z beyond memory",
+        "z not 2-D",
+        "z NaN",
+        "z beyond float32",
+        "z empty",
+        "z complex",
     ],
 )
-def test_bad_input_exits_2_and_writes_nothing(decoder, bad_inputs, tmp_path, case):
+def test_bad_input_exits_2_and_writes_nothing(decoder, bad_inputs, big_z, tmp_path, case):
     model_path, _ = decoder
     for f in bad_inputs.iterdir():
         (tmp_path / f.name).symlink_to(f)
@@ -141,6 +225,27 @@ def test_bad_input_exits_2_and_writes_nothing(decoder, bad_inputs, tmp_path, cas
         "bad format": (["--format", "jpg"], "--format 'jpg' is not allowed"),
         "output is a folder": (["-o", "."], "-o .: is a folder"),
         "unwritable output": (["-o", "junk.onnx/x.png"], "junk.onnx/x.png: cannot write"),
+        "model is a folder": (["--model", "."], ".: is a folder; name the decoder's .onnx file"),
+        "int input": (["--model", "int_input.onnx"], "input z is tensor(int64), not float"),
+        "seed negative": (["--seed", "-1"], "--seed -1: must be ≥ 0"),
+        "nrow negative": (["--nrow", "-2"], "--nrow -2: must be ≥ 0"),
+        "nrow above n": (["-n", "4", "--nrow", "5"], "--nrow 5: more than the 4 images"),
+        "n beyond memory": (
+            ["-n", "1000000000", "--format", "npy", "-o", "out.npy"],
+            "-n 1000000000: that many 1×28×28 float32 images as npy need about 2.88 TiB of memory, more than",
+        ),
+        "z beyond memory": (
+            ["--z-file", str(big_z)],
+            "big.npy (1000000000 latents): that many 1×28×28 float32",
+        ),
+        "z not 2-D": (["--z-file", "cube.npy"], f"cube.npy: latents have shape (2, 2, {LATENT})"),
+        "z NaN": (["--z-file", "nan.npy"], "nan.npy: latents contain NaN or infinity"),
+        "z beyond float32": (
+            ["--z-file", "huge.npy"],
+            "huge.npy: latents contain NaN or infinity (as float32)",
+        ),
+        "z empty": (["--z-file", "empty.npy"], "empty.npy: holds no latents"),
+        "z complex": (["--z-file", "complex.npy"], "complex.npy: expected a numeric N × 8 .npy array"),
     }[case]
     if "--model" not in args:
         args = ["--model", str(model_path), *args]

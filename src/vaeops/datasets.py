@@ -85,6 +85,26 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
+def check_raw(folder: Path, spec: DatasetSpec) -> None:
+    """Each IDX file in `folder` is the one download verified: present, with its payload SHA-256.
+
+    A changed pixel or a truncated file passes every structural check of read_idx; only the
+    digest catches it.
+    """
+    redo = "`vaeops download` (or `dvc repro download`)"
+    for name, digest in spec.sha256.items():
+        path = folder / name
+        if not path.is_file():
+            what = "missing" if not path.exists() else "not a file"
+            raise UsageError(f"{path}: {what}; run {redo} first")
+        got = sha256_file(path)
+        if got != digest:
+            raise UsageError(
+                f"{path}: changed since download verified it (sha256 {got[:12]}… of "
+                f"{path.stat().st_size} bytes, expected {digest[:12]}…); run {redo} to fetch it again"
+            )
+
+
 def payload(data: bytes) -> bytes:
     """The IDX payload of raw or gzipped bytes (mirrors differ in whether and how they gzip)."""
     return gzip.decompress(data) if data[:2] == b"\x1f\x8b" else data

@@ -11,12 +11,16 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from vaeops.errors import UsageError
+from vaeops.errors import UsageError, WorkError
 from vaeops.figures import grid, save_png
 from vaeops.io import atomic_path
 
 FORMATS = ("png", "npy")
 CHUNK = 1024  # latents per onnxruntime call: bounds memory for large -n
+# The input types a decoder may declare; latents are cast to it.
+FLOAT_TYPES = {"tensor(float)": np.float32, "tensor(double)": np.float64, "tensor(float16)": np.float16}
+# Drawing a PNG grid holds several float32 and uint8 copies of the images at once (figures.grid).
+PNG_COPIES = 12
 
 
 def session_options() -> ort.SessionOptions:
@@ -26,6 +30,8 @@ def session_options() -> ort.SessionOptions:
 
 
 def load_decoder(path: Path) -> ort.InferenceSession:
+    if path.is_dir():
+        raise UsageError(f"{path}: is a folder; name the decoder's .onnx file")
     if not path.is_file():
         raise UsageError(f"{path}: decoder not found; run `vaeops export` (or `dvc repro export`) first")
     try:
@@ -41,6 +47,10 @@ def load_decoder(path: Path) -> ort.InferenceSession:
         raise UsageError(
             f"{path}: not a vaeops decoder (expected one input z [batch, latent_dim], got {shapes})"
         )
+    if inputs[0].type not in FLOAT_TYPES:
+        raise UsageError(
+            f"{path}: not a vaeops decoder (input {inputs[0].name} is {inputs[0].type}, not float)"
+        )
     if len(outputs[0].shape) != 4:
         raise UsageError(
             f"{path}: not a vaeops decoder (output {outputs[0].name} has shape {outputs[0].shape})"
@@ -49,13 +59,14 @@ def load_decoder(path: Path) -> ort.InferenceSession:
 
 
 def load_latents(path: Path, latent_dim: int) -> np.ndarray:
+    """The N × latent_dim array in `path`, memory-mapped: only its header has been read yet."""
     if not path.is_file():
         raise UsageError(f"{path}: latent file not found")
     try:
-        z = np.load(path, allow_pickle=False)
+        z = np.load(path, mmap_mode="r", allow_pickle=False)
     except (ValueError, OSError, EOFError) as e:
         raise UsageError(f"{path}: not a .npy array of latents ({str(e)[:200]})") from None
-    if not isinstance(z, np.ndarray) or not np.issubdtype(z.dtype, np.number):
+    if not isinstance(z, np.ndarray) or z.dtype.kind not in "iuf":
         raise UsageError(f"{path}: expected a numeric N × {latent_dim} .npy array")
     if z.ndim == 1:
         z = z[None, :]
@@ -63,14 +74,73 @@ def load_latents(path: Path, latent_dim: int) -> np.ndarray:
         raise UsageError(f"{path}: latents have shape {z.shape}, the decoder wants N × {latent_dim}")
     if len(z) == 0:
         raise UsageError(f"{path}: holds no latents (shape {z.shape})")
+    return z
+
+
+def as_input(z: np.ndarray, dtype: type, path: Path) -> np.ndarray:
+    with np.errstate(over="ignore", invalid="ignore"):  # values beyond the type become inf: caught below
+        z = np.asarray(z, dtype=dtype)
     if not np.isfinite(z).all():
-        raise UsageError(f"{path}: latents contain NaN or infinity")
-    return z.astype(np.float32)
+        raise UsageError(f"{path}: latents contain NaN or infinity (as {np.dtype(dtype).name})")
+    return z
 
 
 def decode(session: ort.InferenceSession, z: np.ndarray) -> np.ndarray:
-    name = session.get_inputs()[0].name
-    return np.concatenate([session.run(None, {name: z[i : i + CHUNK]})[0] for i in range(0, len(z), CHUNK)])
+    """All of z's images in one array, decoded in chunks. A model exported with a fixed batch size
+    gets exactly that many latents per call, the last chunk padded with zeros."""
+    z_in = session.get_inputs()[0]
+    fixed = z_in.shape[0] if isinstance(z_in.shape[0], int) and z_in.shape[0] > 0 else None
+    step, dtype = fixed or CHUNK, FLOAT_TYPES[z_in.type]
+    out = None
+    for i in range(0, len(z), step):
+        chunk = np.asarray(z[i : i + step], dtype=dtype)
+        n = len(chunk)
+        if fixed and n < fixed:
+            chunk = np.concatenate([chunk, np.zeros((fixed - n, chunk.shape[1]), dtype)])
+        images = session.run(None, {z_in.name: chunk})[0][:n]
+        if out is None:
+            out = np.empty((len(z), *images.shape[1:]), images.dtype)
+        out[i : i + n] = images
+    assert out is not None
+    return out
+
+
+def available_memory() -> int | None:
+    """Bytes this process can still allocate: MemAvailable, or less under a cgroup limit; None if unknown."""
+    found = []
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                found.append(int(line.split()[1]) * 1024)
+    except (OSError, ValueError):
+        pass
+    try:
+        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
+        if limit != "max":
+            found.append(int(limit) - int(Path("/sys/fs/cgroup/memory.current").read_text()))
+    except (OSError, ValueError):
+        pass
+    return min(found) if found else None
+
+
+def _size(n_bytes: float) -> str:
+    for unit in ("bytes", "KiB", "MiB", "GiB"):
+        if n_bytes < 1024:
+            return f"{n_bytes:.3g} {unit}"
+        n_bytes /= 1024
+    return f"{n_bytes:.3g} TiB"
+
+
+def check_fits(n: int, probe: np.ndarray, latent_bytes: int, fmt: str, what: str) -> None:
+    """Refuse up front what cannot fit in memory, instead of failing after a long decode."""
+    per_image = probe[0].nbytes * (PNG_COPIES if fmt == "png" else 1) + latent_bytes
+    need, free = n * per_image, available_memory()
+    if free is not None and need > free:
+        shape = "×".join(map(str, probe.shape[1:]))
+        raise UsageError(
+            f"{what}: that many {shape} {probe.dtype} images as {fmt} need about {_size(need)} of memory, "
+            f"more than the {_size(free)} available; decode fewer per run"
+        )
 
 
 def run(
@@ -87,25 +157,37 @@ def run(
         raise UsageError(f"--format {fmt!r} is not allowed; expected one of {', '.join(FORMATS)}")
     if z_file is None and n < 1:
         raise UsageError(f"-n {n}: need at least one image")
+    if seed < 0:
+        raise UsageError(f"--seed {seed}: must be ≥ 0")
     if nrow < 0:
         raise UsageError(f"--nrow {nrow}: must be ≥ 0 (0 = square-ish grid)")
     if out.suffix.lower() in (".png", ".npy") and out.suffix.lower() != f".{fmt}":
         raise UsageError(f"-o {out}: the suffix does not match --format {fmt}")
-    session = load_decoder(model)
-    latent_dim = session.get_inputs()[0].shape[1]
-    if z_file is not None:
-        z = load_latents(z_file, latent_dim)
-    else:
-        z = np.random.default_rng(seed).standard_normal((n, latent_dim), dtype=np.float32)
-    images = decode(session, z)
     if out.is_dir():
         raise UsageError(f"-o {out}: is a folder; name the output file")
+    session = load_decoder(model)
+    z_in = session.get_inputs()[0]
+    latent_dim, dtype = z_in.shape[1], FLOAT_TYPES[z_in.type]
+    probe = decode(session, np.zeros((1, latent_dim), dtype))  # the size and type of one image
+    latent_bytes = latent_dim * np.dtype(dtype).itemsize
+    if z_file is not None:
+        z = load_latents(z_file, latent_dim)
+        check_fits(len(z), probe, latent_bytes, fmt, f"--z-file {z_file} ({len(z)} latents)")
+        z = as_input(z, dtype, z_file)
+    else:
+        check_fits(n, probe, latent_bytes, fmt, f"-n {n}")
+        z = np.random.default_rng(seed).standard_normal((n, latent_dim), dtype=np.float32)
+    if fmt == "png" and nrow > len(z):
+        raise UsageError(f"--nrow {nrow}: more than the {len(z)} images")
     try:
+        images = decode(session, z)
         if fmt == "npy":
             with atomic_path(out) as tmp, open(tmp, "wb") as f:
                 np.save(f, images)  # a file object keeps numpy from appending ".npy" to the temp name
         else:
             save_png(out, grid(images, nrow or math.ceil(math.sqrt(len(images)))))
+    except MemoryError:
+        raise WorkError(f"out of memory decoding {len(z)} images; decode fewer per run") from None
     except OSError as e:
         raise UsageError(f"-o {out}: cannot write ({e.strerror or e})") from None
     print(f"wrote {out} ({len(images)} images of {list(images.shape[1:])})", file=sys.stderr)

@@ -4,14 +4,22 @@ Sources, in order: VAEOPS_DATA_MIRROR (a folder or URL), the system dataset fold
 (/usr/share/datasets/<name>, where Debian's dataset packages install), then `data.mirrors`
 (the dataset's canonical public mirrors when empty). Each file's decompressed payload must match
 its SHA-256; anything else moves on to the next source.
+
+`data.timeout_s` bounds each read from an HTTP source, and a whole file gets FILE_DEADLINE times
+that: a mirror that trickles a byte now and then is never silent for long, yet must not hold the
+download forever.
 """
 
 import hashlib
+import http.client
 import os
+import socket
+import threading
 import urllib.error
 import urllib.request
 import zlib
 from pathlib import Path
+from typing import Any
 
 from vaeops.config import DataParams
 from vaeops.datasets import DatasetSpec, get_spec, payload, sha256_file
@@ -20,6 +28,7 @@ from vaeops.io import write_bytes
 from vaeops.progress import download_bar, log
 
 SYSTEM_DATASETS = "/usr/share/datasets"
+FILE_DEADLINE = 10  # × data.timeout_s: the most one file from one HTTP source may take
 
 
 def sources(params: DataParams, spec: DatasetSpec) -> list[str]:
@@ -35,14 +44,102 @@ def _is_url(source: str) -> bool:
     return source.split("://", 1)[0] in ("http", "https", "file")
 
 
+class _Deadline:
+    """Ends one download when its time is up by shutting down its sockets: a read blocked on a
+    connection that still gets a byte now and then returns at once, in the headers or the body."""
+
+    def __init__(self, seconds: float) -> None:
+        self.expired = False
+        self._socks: list[socket.socket] = []
+        self._lock = threading.Lock()
+        self._timer = threading.Timer(seconds, self._expire)
+        self._timer.daemon = True
+
+    def __enter__(self) -> "_Deadline":
+        self._timer.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._timer.cancel()
+
+    def _expire(self) -> None:
+        with self._lock:
+            self.expired = True
+            for sock in self._socks:
+                _shutdown(sock)
+
+    def watch(self, sock: socket.socket) -> None:
+        with self._lock:
+            self._socks.append(sock)
+            if self.expired:
+                _shutdown(sock)
+
+    def connection(self, base: type[http.client.HTTPConnection]) -> type[http.client.HTTPConnection]:
+        deadline = self
+
+        class Watched(base):  # type: ignore[valid-type, misc]
+            def connect(self) -> None:
+                super().connect()
+                deadline.watch(self.sock)
+
+        return Watched
+
+    def opener(self) -> urllib.request.OpenerDirector:
+        # Redirects open new connections; each is made through these handlers and so watched too.
+        handlers = [_WatchedHTTP(), _WatchedHTTPS()]
+        for handler in handlers:
+            handler.deadline = self
+        return urllib.request.build_opener(*handlers)
+
+
+def _shutdown(sock: socket.socket) -> None:
+    try:
+        # socket.socket's own method: on a TLS socket it cuts the connection under the TLS layer.
+        socket.socket.shutdown(sock, socket.SHUT_RDWR)
+    except OSError:
+        pass  # already closed
+
+
+class _Watched:
+    """Mixed into urllib's HTTP(S) handlers: each connection they open is watched by `deadline`."""
+
+    deadline: _Deadline
+
+    def do_open(
+        self, http_class: type[http.client.HTTPConnection], req: urllib.request.Request, **kwargs: Any
+    ) -> http.client.HTTPResponse:
+        return super().do_open(self.deadline.connection(http_class), req, **kwargs)  # type: ignore[misc]
+
+
+class _WatchedHTTP(_Watched, urllib.request.HTTPHandler):
+    pass
+
+
+class _WatchedHTTPS(_Watched, urllib.request.HTTPSHandler):
+    pass
+
+
 def _http_get(url: str, timeout: float, label: str) -> bytes:
-    with urllib.request.urlopen(url, timeout=timeout) as resp, download_bar() as bar:
-        total = int(resp.headers.get("Content-Length") or 0) or None
-        task = bar.add_task(label, total=total)
-        chunks = []
-        while chunk := resp.read(1 << 16):
-            chunks.append(chunk)
-            bar.advance(task, len(chunk))
+    seconds = timeout * FILE_DEADLINE
+    late = TimeoutError(
+        f"not complete after {seconds:g} s (data.timeout_s = {timeout:g} bounds each read and "
+        f"{FILE_DEADLINE}× that the whole file; raise it for a slow link)"
+    )
+    with _Deadline(seconds) as deadline:
+        try:
+            with deadline.opener().open(url, timeout=timeout) as resp, download_bar() as bar:
+                total = int(resp.headers.get("Content-Length") or 0) or None
+                task = bar.add_task(label, total=total)
+                chunks = []
+                while chunk := resp.read(1 << 16):
+                    chunks.append(chunk)
+                    bar.advance(task, len(chunk))
+        except Exception:
+            if deadline.expired:  # the cut connection surfaces as whatever the read was doing
+                raise late from None
+            raise
+        if deadline.expired:  # cut between reads of a body of unknown length: it looks complete
+            raise late
     return b"".join(chunks)
 
 

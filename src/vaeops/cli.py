@@ -4,7 +4,10 @@ Each command imports its stage module (and with it torch, mlflow, onnx) only whe
 `vaeops --help` stays fast.
 """
 
+import errno
+import os
 import sys
+import traceback
 from pathlib import Path
 from typing import Annotated
 
@@ -81,9 +84,16 @@ def train(
         raise typer.Exit(train.launch(p, sys.argv[1:]))
     try:
         train.run(p, train.Paths(data, model, run_file, metrics, curve, samples))
-    except KeyboardInterrupt:
-        log(f"interrupted: {model} holds the last finished epoch; continue with train.resume = true")
-        raise typer.Exit(130) from None
+    except KeyboardInterrupt as e:
+        import signal
+
+        # SIGTERM and SIGHUP arrive as train.Interrupted; a bare KeyboardInterrupt is Ctrl-C.
+        signum = getattr(e, "signum", signal.SIGINT)
+        log(
+            f"interrupted: {model} holds the last finished epoch; continue with train.resume = true "
+            f"({signal.Signals(signum).name})"
+        )
+        raise typer.Exit(128 + signum) from None
 
 
 @app.command()
@@ -91,25 +101,28 @@ def evaluate(
     params_file: ParamsFile = PARAMS,
     data: Annotated[Path, typer.Option(help="folder with test.npz and meta.json")] = Path("data/processed"),
     model: Annotated[Path, typer.Option(help="checkpoint written by train")] = Path("models/vae.pt"),
-    run_file: Annotated[Path, typer.Option(help="MLflow run of training (JSON)")] = Path("models/run.json"),
+    run_file: Annotated[Path, typer.Option(help="the checkpoint's run (JSON)")] = Path("models/run.json"),
     metrics: Annotated[Path, typer.Option(help="test ELBO, IWAE log p(x), bits/dim, ... (JSON)")] = Path(
         "reports/metrics.json"
     ),
     figures: Annotated[Path, typer.Option(help="folder for the PNG figures")] = Path("reports/figures"),
+    elbo_by_class: Annotated[Path, typer.Option(help="test ELBO per class (JSON)")] = Path(
+        "reports/elbo_by_class.json"
+    ),
 ) -> None:
     """Test-set ELBO, IWAE log-likelihood, bits/dim, active units, per-class ELBO, and figures."""
     from vaeops.config import load_params
     from vaeops.stages import evaluate
 
     p = load_params(params_file)
-    evaluate.run(p.train, p.evaluate, data, model, run_file, metrics, figures)
+    evaluate.run(p.train, p.evaluate, data, model, run_file, metrics, figures, elbo_by_class)
 
 
 @app.command()
 def export(
     params_file: ParamsFile = PARAMS,
     model: Annotated[Path, typer.Option(help="checkpoint written by train")] = Path("models/vae.pt"),
-    run_file: Annotated[Path, typer.Option(help="MLflow run of training (JSON)")] = Path("models/run.json"),
+    run_file: Annotated[Path, typer.Option(help="the checkpoint's run (JSON)")] = Path("models/run.json"),
     decoder: Annotated[Path, typer.Option(help="ONNX decoder z → image")] = Path("models/decoder.onnx"),
     encoder: Annotated[Path, typer.Option(help="ONNX encoder image → mu, logvar")] = Path(
         "models/encoder.onnx"
@@ -123,7 +136,7 @@ def export(
     from vaeops.stages import export
 
     p = load_params(params_file)
-    export.run(p.export, p.train.experiment, model, run_file, decoder, encoder, report)
+    export.run(p.export, model, run_file, decoder, encoder, report)
 
 
 @app.command()
@@ -157,6 +170,18 @@ def params() -> None:
 
 
 @app.command()
+def exps(
+    all_commits: Annotated[
+        bool, typer.Option("--all-commits", "-A", help="every commit, not only HEAD")
+    ] = False,
+) -> None:
+    """The short `dvc exp show`: per experiment, the params it changed and the numbers that matter."""
+    from vaeops import exps as table
+
+    print(table.show(all_commits))
+
+
+@app.command()
 def ui(
     port: Annotated[int, typer.Option(help="port to listen on")] = 5000,
     host: Annotated[str, typer.Option(help="interface; keep 127.0.0.1 unless you mean to share it")] = (
@@ -169,12 +194,101 @@ def ui(
     ui.serve(port, host)
 
 
+@app.callback()
+def _root(
+    debug: Annotated[
+        bool, typer.Option("--debug", help="on an error, show the traceback (as VAEOPS_DEBUG=1 does)")
+    ] = False,
+) -> None:
+    if debug:
+        os.environ["VAEOPS_DEBUG"] = "1"  # the environment, so torchrun's workers see it too
+
+
+def _debug() -> bool:
+    return os.environ.get("VAEOPS_DEBUG", "") not in ("", "0")
+
+
+def _first_line(e: BaseException) -> str:
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    return lines[0] if lines else type(e).__name__
+
+
+def _store_uri() -> str:
+    try:
+        from vaeops.tracking import tracking_uri
+
+        return tracking_uri()
+    except Exception:
+        return os.environ.get("MLFLOW_TRACKING_URI", "(unknown)")
+
+
+def _explain(e: Exception) -> tuple[str, int]:
+    """One line and an exit code for a failure: 2 when the user must change an input, else 1.
+
+    Third-party errors are recognised by class and module name, so that neither this module nor
+    `vaeops --help` imports mlflow, sqlalchemy or onnxruntime.
+    """
+    if isinstance(e, VaeopsError):
+        return str(e), e.exit_code
+    names = {c.__name__ for c in type(e).__mro__}
+    module = type(e).__module__
+    first = _first_line(e)
+    if isinstance(e, MemoryError) or "OutOfMemoryError" in names or "can't allocate memory" in first:
+        return f"out of memory ({first}); lower train.batch_size, evaluate.iwae_batch or the model size", 1
+    if "MlflowException" in names:
+        return f"MLflow ({_store_uri()}): {_first_line(Exception(getattr(e, 'message', e)))}", 1
+    if module.startswith(("sqlalchemy", "sqlite3")):
+        orig = getattr(e, "orig", None) or e  # sqlalchemy wraps the driver's error
+        return f"MLflow store {_store_uri()}: {type(orig).__name__}: {_first_line(orig)}", 1
+    if module.startswith("onnxruntime"):
+        return f"onnxruntime: {first}", 1
+    if isinstance(e, OSError):
+        path = e.filename
+        if e.errno == errno.ENOSPC:
+            return f"no space left on the device holding {path or 'the output'}; free some and rerun", 1
+        if e.errno == errno.EROFS:
+            return f"cannot write {path} (read-only file system); write somewhere else", 1
+        if e.errno in (errno.EACCES, errno.EPERM):
+            return f"cannot write or read {path} (permission denied); check its owner and mode", 1
+        if e.errno == errno.ENOENT:
+            return f"no such file or folder: {path}", 1
+        return (f"{path}: {e.strerror}" if path and e.strerror else f"{type(e).__name__}: {first}"), 1
+    if module.startswith("yaml"):
+        return f"not valid YAML: {first}", 2
+    if isinstance(e, UnicodeDecodeError):
+        return f"a file is not UTF-8 text ({e.reason} at byte {e.start})", 2
+    if "ValidationError" in names and module.startswith("pydantic"):
+        err = e.errors()[0]
+        loc = ".".join(str(p) for p in err["loc"])
+        return f"{e.title}: {loc} = {err.get('input')!r}: {err['msg']}", 2
+    return f"unexpected {type(e).__name__}: {first} (rerun with VAEOPS_DEBUG=1 for the traceback)", 1
+
+
 def main() -> None:
+    """The one error boundary: every failure ends as one `error:` line and an exit code
+    (VAEOPS_DEBUG=1 or --debug: the traceback instead)."""
     try:
         app()
-    except VaeopsError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(e.exit_code)
+    except SystemExit as e:
+        # typer turns a Ctrl-C that no command handled into a silent exit 130 raised from it.
+        interrupt = getattr(e.__context__, "__cause__", None)
+        if e.code == 130 and isinstance(interrupt, KeyboardInterrupt):
+            if _debug():
+                traceback.print_exception(interrupt)
+            print("error: interrupted", file=sys.stderr)
+        raise
+    except KeyboardInterrupt as e:  # outside typer's reach, e.g. while it starts
+        if _debug():
+            traceback.print_exception(e)
+        print("error: interrupted", file=sys.stderr)
+        sys.exit(130)
+    except Exception as e:
+        message, code = _explain(e)
+        if _debug():
+            traceback.print_exception(e)
+        else:
+            print(f"error: {message}", file=sys.stderr)
+        sys.exit(code)
 
 
 if __name__ == "__main__":  # `python -m vaeops.cli`, as torchrun's workers start it

@@ -34,7 +34,7 @@ from vaeops import tracking
 from vaeops.config import TrainParams
 from vaeops.errors import UsageError, WorkError
 from vaeops.figures import grid, save_png
-from vaeops.io import atomic_path, write_json
+from vaeops.io import atomic_path, remove_dead_temp_files, write_json
 from vaeops.losses import elbo_terms
 from vaeops.models import VAE, build_model, checkpoint, load_checkpoint, resolve_device, save_checkpoint
 from vaeops.progress import log, step_bar
@@ -243,7 +243,8 @@ def _start_run(params: TrainParams, state: dict[str, Any] | None, tags: dict[str
 
     experiment_id = tracking.setup(params.experiment)
     if state is None:
-        return mlflow.start_run(experiment_id=experiment_id, tags=tracking.run_tags(tags))
+        name = tracking.run_name(params.arch, params.latent_dim, tags["dataset"], params.epochs)
+        return mlflow.start_run(experiment_id=experiment_id, run_name=name, tags=tracking.run_tags(tags))
     try:
         mlflow.get_run(state["run_id"])
     except Exception:
@@ -270,33 +271,68 @@ class NonFinite(Exception):
         self.step, self.what = step, what
 
 
+class Interrupted(KeyboardInterrupt):
+    """Training stopped by SIGINT, SIGTERM or SIGHUP; the CLI exits 128 + signum, as a shell does."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
 class StopFlag:
-    """Ctrl-C sets a flag that training checks between steps, so the interrupt never lands inside an
-    MLflow or checkpoint write (SQLite left locked, a half-logged epoch). A second Ctrl-C stops at once."""
+    """Ctrl-C, SIGTERM (schedulers, `docker stop`) and SIGHUP (a closed terminal) set a flag that
+    training checks between steps, so the stop never lands inside an MLflow or checkpoint write
+    (SQLite left locked, a half-logged epoch). A second signal stops at once. Either way the MLflow
+    run named in `run_id` ends KILLED, not FAILED as MLflow marks a run left by an exception.
+
+    Under torchrun only Ctrl-C waits for a step's end, as before: each rank checks its own flag, and
+    a rank stopping a step early would leave the others waiting in an all-reduce. SIGTERM keeps its
+    default there, so torchrun's agent can stop the workers."""
 
     def __init__(self) -> None:
-        self.raised = False
-        self._previous: Any = None
+        self.signum: int | None = None
+        self.run_id = ""
+        self._previous: dict[int, Any] = {}
 
     def __enter__(self) -> "StopFlag":
+        signums = [signal.SIGINT] if world()[1] > 1 else [signal.SIGINT, signal.SIGTERM, signal.SIGHUP]
         try:
-            self._previous = signal.signal(signal.SIGINT, self._handle)
-        except ValueError:  # not the main thread: Ctrl-C keeps its default behaviour
-            self._previous = None
+            for signum in signums:
+                self._previous[signum] = signal.signal(signum, self._handle)
+        except ValueError:  # not the main thread: signals keep their default behaviour
+            pass
         return self
 
     def _handle(self, signum: int, frame: Any) -> None:
-        if self.raised:
-            raise KeyboardInterrupt
-        self.raised = True
+        if self.signum is not None:
+            raise Interrupted(signum)
+        self.signum = signum
 
-    def __exit__(self, *exc: object) -> None:
-        if self._previous is not None:
-            signal.signal(signal.SIGINT, self._previous)
+    def __exit__(self, exc_type: Any, exc: BaseException | None, tb: Any) -> None:
+        try:
+            if self.run_id and isinstance(exc, KeyboardInterrupt):
+                import mlflow
+
+                mlflow.MlflowClient().set_terminated(self.run_id, "KILLED")
+        finally:
+            for signum, previous in self._previous.items():
+                if previous is not None:  # None: set outside Python, cannot be restored
+                    signal.signal(signum, previous)
+            self._previous.clear()
 
     def check(self) -> None:
-        if self.raised:
-            raise KeyboardInterrupt
+        if self.signum is not None:
+            raise Interrupted(self.signum)
+
+
+def clean_up_after_killed(experiment: str, paths: Paths) -> None:
+    """What a killed training (kill -9, out of memory) left: close its MLflow runs as KILLED and remove
+    its temp files from the output folders. A live process's runs and temp files are left alone."""
+    for run_id, why in tracking.end_orphaned_runs(tracking.setup(experiment)):
+        log(f"marked MLflow run {run_id} KILLED: {why}")
+    outputs = (paths.model, paths.run_file, paths.metrics, paths.curve, paths.samples)
+    for path in remove_dead_temp_files(p.parent for p in outputs):
+        log(f"removed {path}: its writer ended before finishing it")
 
 
 @dataclass
@@ -370,7 +406,8 @@ def train_epoch(loop: Loop, epoch: int, bar: Any = None) -> dict[str, Any]:
             logits, mu, logvar = loop.forward(x, eps)
         recon, kl = elbo_terms(logits.float(), x, mu.float(), logvar.float())
         # Mean over the batch of the per-image loss, so the learning rate does not scale with batch size
-        # (DDP averages the ranks' gradients of their equal shares: the global batch's mean).
+        # (DDP averages the ranks' gradients of their equal shares: the global batch's mean). "sum" is
+        # that mean times the global batch, on every rank alike: the article's batch sum.
         loss = (recon + beta_at(step, kl_warmup_steps, p.beta) * kl).mean()
         checked = (i + 1) % check_every == 0
         logged = (step + 1) % p.log_every_steps == 0
@@ -380,7 +417,7 @@ def train_epoch(loop: Loop, epoch: int, bar: Any = None) -> dict[str, Any]:
         if checked and not torch.isfinite(loss_all):
             raise NonFinite(i + 1, f"loss {loss_all.item()}")
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        (loss * bs if p.loss_reduction == "sum" else loss).backward()
         if p.grad_clip:
             torch.nn.utils.clip_grad_norm_(model.parameters(), p.grad_clip)
         opt.step()
@@ -481,6 +518,10 @@ def _run(params: TrainParams, paths: Paths) -> dict[str, Any]:
         )
 
     tags = {"dataset": config["dataset"], "arch": params.arch}
+    owner = tracking.process_tags()  # lets a later training tell if this process died (kill -9)
+    tags |= owner
+    if lead:
+        clean_up_after_killed(params.experiment, paths)
     # Only rank 0 opens (or re-enters) the MLflow run; the other ranks train and write nothing.
     with loop.stop, _start_run(params, state, tags) if lead else nullcontext() as mlrun:
         run_id = mlrun.info.run_id if lead else ""
@@ -489,12 +530,17 @@ def _run(params: TrainParams, paths: Paths) -> dict[str, Any]:
                 tracking.flatten({"train": params.model_dump(), "data": {"dataset": config["dataset"]}})
                 | {"data.image_shape": "x".join(map(str, shape)), "data.train_images": len(train_u8)}
             )
+            tracking.describe(run_id)  # the run page's summary; evaluate and export rewrite it
         elif lead:
             log(f"resuming MLflow run {run_id} after epoch {start} of {params.epochs}")
         client = mlflow.MlflowClient() if lead else None
+        if lead:
+            loop.stop.run_id = run_id  # a stop signal now ends this run KILLED
+            if state is not None:  # the re-entered run belongs to this process now
+                mlflow.set_tags(owner)
 
         for epoch in range(start + 1, params.epochs + 1):
-            loop.stop.check()  # a Ctrl-C during the last epoch's logging and checkpoint stops here
+            loop.stop.check()  # a signal during the last epoch's logging and checkpoint stops here
             t0 = time.perf_counter()
             try:
                 with step_bar() as bar:

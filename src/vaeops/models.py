@@ -4,6 +4,8 @@ Decoders return logits; `decode` applies the sigmoid, keeping the article's imag
 loss uses the numerically stable BCE-with-logits.
 """
 
+import hashlib
+import io
 import math
 from pathlib import Path
 from typing import Any
@@ -159,14 +161,33 @@ def save_checkpoint(path: Path | str, state: dict[str, Any]) -> None:
 
 
 def load_checkpoint(path: Path | str) -> dict[str, Any]:
+    return read_checkpoint(path)[0]
+
+
+def read_checkpoint(path: Path | str) -> tuple[dict[str, Any], str]:
+    """(state, SHA-256 of its bytes). The file is read once, so the hash names exactly what was loaded:
+    a stage can later tell whether the file it read has been replaced (`file_sha256`)."""
     path = Path(path)
     if not path.is_file():
         raise UsageError(f"{path}: checkpoint not found; run `dvc repro train` first")
+    data = path.read_bytes()
+    return load_checkpoint_bytes(data, path), hashlib.sha256(data).hexdigest()
+
+
+def load_checkpoint_bytes(data: bytes, name: Path | str = "checkpoint") -> dict[str, Any]:
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except Exception as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UsageError(f"{path}: not a loadable vaeops checkpoint ({first[:200]})") from None
+        raise UsageError(f"{name}: not a loadable vaeops checkpoint ({first[:200]})") from None
+
+
+def file_sha256(path: Path | str) -> str | None:
+    """SHA-256 of the file's bytes; None when it is gone."""
+    try:
+        return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+    except FileNotFoundError:
+        return None
 
 
 def model_from_checkpoint(state: dict[str, Any]) -> VAE:

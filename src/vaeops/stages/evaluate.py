@@ -1,5 +1,6 @@
 """evaluate: test-set numbers (ELBO terms, IWAE log-likelihood, bits/dim, active units, per-class ELBO)
-and the figures that show what the VAE learned; into reports/ and into the training run in MLflow.
+and the figures that show what the VAE learned; into reports/ and into the MLflow run that trained the
+checkpoint (named inside it), by run id: the run's status stays what training left.
 
 Everything random is drawn from generators seeded by `evaluate.seed`, one per purpose, so the same
 checkpoint gives the same numbers twice, and changing k does not move the single-sample ELBO.
@@ -19,7 +20,7 @@ from vaeops import figures, losses, tracking
 from vaeops.config import EvaluateParams, TrainParams
 from vaeops.errors import UsageError, WorkError
 from vaeops.io import write_json
-from vaeops.models import VAE, load_checkpoint, model_from_checkpoint, resolve_device
+from vaeops.models import VAE, model_from_checkpoint, read_checkpoint, resolve_device
 from vaeops.progress import log
 from vaeops.stages.preprocess import load_split
 
@@ -30,6 +31,12 @@ INTERPOLATION_STEPS = 10
 MANIFOLD_SIZE = 20
 # Offsets of the per-purpose generators from evaluate.seed.
 SEED_BINARIZE, SEED_ELBO, SEED_IWAE, SEED_PRIOR, SEED_PICK = range(5)
+# Settings in reports/metrics.json that are not results: MLflow params (evaluate.*), not metrics.
+SETTINGS = {
+    "iwae_k": "evaluate.iwae_samples",
+    "iwae_images": "evaluate.iwae_images",
+    "images": "evaluate.test_images",
+}
 
 
 def _generator(seed: int, device: torch.device) -> torch.Generator:
@@ -221,28 +228,17 @@ def make_figures(
     return pics
 
 
-def run(
-    train: TrainParams,
+def score(
+    model: VAE,
+    images: np.ndarray,
+    labels: np.ndarray,
+    classes: list[str],
+    cfg: dict[str, Any],
     params: EvaluateParams,
-    data_dir: Path,
-    model_path: Path,
-    run_file: Path,
-    metrics_path: Path,
-    figures_dir: Path,
-) -> dict[str, Any]:
-    """Evaluate the checkpoint on the test split; returns the metrics (plus "timings" in seconds)."""
-    state = load_checkpoint(model_path)
-    cfg = check_checkpoint(state, train, model_path)
-    tracking.read_run_id(run_file)  # fail now, not after minutes of IWAE
-    classes = _read_meta(data_dir, cfg)
-    images, labels = load_split(data_dir / "test.npz")
-    if len(images) < 2:
-        raise UsageError(f"{data_dir / 'test.npz'}: {len(images)} test images; evaluate needs at least 2")
-    device = resolve_device(params.device, "evaluate.device")
-    # channels_last: ~20% less time in the conv decoder's transposed convs on CPU, same numbers.
-    model = model_from_checkpoint(state).to(device, memory_format=torch.channels_last)
+    device: torch.device,
+) -> tuple[dict[str, Any], list[dict[str, Any]], dict[str, np.ndarray], dict[str, float]]:
+    """(test metrics, ELBO per class, figures, timings in seconds) of the model on the test images."""
     timings: dict[str, float] = {}
-
     x = torch.from_numpy(images).to(device).float() / 255
     target = x
     if cfg.get("binarize", False):
@@ -254,7 +250,7 @@ def run(
     stats = elbo_pass(model, target, params.seed + SEED_ELBO)
     elbo = -(stats["recon"] + stats["kl"])
     if not torch.isfinite(elbo).all():
-        raise WorkError(f"{model_path}: the ELBO is not finite on some test images (diverged model?)")
+        raise WorkError("the ELBO is not finite on some test images (diverged model?)")
     timings["elbo"] = time.perf_counter() - start
 
     n_iwae = len(x) if params.iwae_images == 0 else min(params.iwae_images, len(x))
@@ -267,11 +263,11 @@ def run(
 
     n_active, variances = active_units(stats["mu"])
     dim = math.prod(cfg["image_shape"])
-    by_class = {
-        name: round(float(elbo[torch.from_numpy(labels == i).to(device)].mean()), 4)
-        for i, name in enumerate(classes)
-        if (labels == i).any()
-    }
+    by_class = []
+    for i, name in enumerate(classes):
+        if n := int((labels == i).sum()):
+            mean = float(elbo[torch.from_numpy(labels == i).to(device)].mean())
+            by_class.append({"class": name, "images": n, "elbo": round(mean, 4)})
     test = {
         "elbo": float(elbo.mean()),
         "recon": float(stats["recon"].mean()),
@@ -284,30 +280,83 @@ def run(
         "iwae_images": n_iwae,
         "images": len(x),
     }
-    metrics = {"test": {k: round(v, 4) if isinstance(v, float) else v for k, v in test.items()}}
-    metrics["test"]["elbo_by_class"] = by_class
+    test = {k: round(v, 4) if isinstance(v, float) else v for k, v in test.items()}
 
     start = time.perf_counter()
     pics = make_figures(model, x, labels, classes, stats, variances.float(), params)
     timings["figures"] = time.perf_counter() - start
+    return test, by_class, pics, timings
 
-    import mlflow
 
-    with tracking.resume_run(run_file, train.experiment):
-        mlflow.log_metrics({k.replace(".", "/"): v for k, v in tracking.flatten(metrics).items()})
-        for name, pic in pics.items():
-            tracking.log_image(pic, f"evaluate/{name}.png")
-    write_json(metrics_path, metrics)
+def log_to_mlflow(
+    client: Any,
+    run_id: str,
+    test: dict[str, Any],
+    by_class: list[dict[str, Any]],
+    pics: dict[str, np.ndarray],
+    params: EvaluateParams,
+) -> None:
+    """Results as metrics named like DVC's (`test.elbo`, see tracking.py), settings as params, the
+    per-class ELBO as one JSON artifact, the figures under evaluate/."""
+    from mlflow.entities import Metric
+
+    now = int(time.time() * 1000)
+    results = [Metric(f"test.{k}", float(v), now, 0) for k, v in test.items() if k not in SETTINGS]
+    client.log_batch(run_id, metrics=results)
+    settings = {name: str(test[k]) for k, name in SETTINGS.items()} | {"evaluate.seed": str(params.seed)}
+    tracking.log_rerun_params(client, run_id, settings)
+    client.log_dict(run_id, by_class, "evaluate/elbo_by_class.json")  # a list: MLflow writes any JSON
     for name, pic in pics.items():
-        figures.save_png(figures_dir / f"{name}.png", pic)
-    if "manifold" not in pics:  # a stale grid from an earlier 2-D model would mislead
-        (figures_dir / "manifold.png").unlink(missing_ok=True)
+        client.log_image(run_id, pic, artifact_file=f"evaluate/{name}.png")
 
-    t = metrics["test"]
+
+def run(
+    train: TrainParams,
+    params: EvaluateParams,
+    data_dir: Path,
+    model_path: Path,
+    run_file: Path,
+    metrics_path: Path,
+    figures_dir: Path,
+    by_class_path: Path | None = None,
+) -> dict[str, Any]:
+    """Evaluate the checkpoint on the test split and log into the MLflow run that trained it (the one
+    the checkpoint names); returns the metrics, plus "elbo_by_class" and "timings" in seconds.
+
+    by_class_path: the per-class ELBO file (default: elbo_by_class.json beside metrics_path).
+    """
+    by_class_path = by_class_path or metrics_path.with_name("elbo_by_class.json")
+    state, sha256 = read_checkpoint(model_path)
+    cfg = check_checkpoint(state, train, model_path)
+    run_id = tracking.checkpoint_run_id(state, model_path, run_file)
+    classes = _read_meta(data_dir, cfg)
+    images, labels = load_split(data_dir / "test.npz")
+    if len(images) < 2:
+        raise UsageError(f"{data_dir / 'test.npz'}: {len(images)} test images; evaluate needs at least 2")
+    device = resolve_device(params.device, "evaluate.device")
+    tracking.require_run(run_id)  # fail now, not after minutes of IWAE
+
+    with tracking.recording(run_id, "evaluate") as client:
+        # channels_last: ~20% less time in the conv decoder's transposed convs on CPU, same numbers.
+        model = model_from_checkpoint(state).to(device, memory_format=torch.channels_last)
+        test, by_class, pics, timings = score(model, images, labels, classes, cfg, params, device)
+        # The numbers describe the bytes read above: if a training replaced them meanwhile, log and
+        # write nothing rather than pin them on the new model (or leave reports about a gone one).
+        tracking.check_unchanged(model_path, sha256, "evaluate")
+        log_to_mlflow(client, run_id, test, by_class, pics, params)
+        tracking.check_unchanged(model_path, sha256, "evaluate")  # again: logging takes seconds
+        write_json(metrics_path, {"test": test})
+        write_json(by_class_path, by_class)  # one record per class: what a DVC bar plot reads
+        for name, pic in pics.items():
+            figures.save_png(figures_dir / f"{name}.png", pic)
+        if "manifold" not in pics:  # a stale grid from an earlier 2-D model would mislead
+            (figures_dir / "manifold.png").unlink(missing_ok=True)
+
     log(
-        f"test: elbo {t['elbo']:.2f}  recon {t['recon']:.2f}  kl {t['kl']:.2f}  "
-        f"log p(x) ≥ {t['log_px_iwae']:.2f} (k={params.iwae_samples})  {t['bpd']:.4f} bits/dim  "
-        f"{n_active}/{cfg['latent_dim']} active units"
+        f"test: elbo {test['elbo']:.2f}  recon {test['recon']:.2f}  kl {test['kl']:.2f}  "
+        f"log p(x) ≥ {test['log_px_iwae']:.2f} (k={params.iwae_samples})  {test['bpd']:.4f} bits/dim  "
+        f"{test['active_units']}/{cfg['latent_dim']} active units"
     )
     log("time: " + "  ".join(f"{k} {v:.1f}s" for k, v in timings.items()))
-    return {**metrics, "timings": timings}
+    log(f"logged into MLflow run {run_id}")
+    return {"test": test, "elbo_by_class": by_class, "timings": timings}

@@ -7,12 +7,18 @@ outputs keep exact static H×W, whereas the legacy TorchScript exporter (`dynamo
 keeps BatchNormalization nodes and leaves the image's H and W symbolic. Its one trap: an example batch
 of 1 is specialised into a constant, so we trace with a batch of EXAMPLE_BATCH, declare the batch dim
 dynamic, and then check that the graph really says so and that batches of 1, 3 and 257 run.
+
+MLflow: both models and the parity report go into the run that trained the checkpoint, by run id (its
+status stays what training left); the decoder is registered, that version tagged with what it is, and
+the alias `latest-export` moved to it.
 """
 
 import importlib.metadata
 import json
 import logging
 import math
+import os
+import time
 import warnings
 from pathlib import Path
 from typing import Any
@@ -27,7 +33,7 @@ from vaeops import tracking
 from vaeops.config import ExportParams
 from vaeops.errors import UsageError, WorkError
 from vaeops.io import atomic_path, write_json
-from vaeops.models import VAE, load_checkpoint, model_from_checkpoint
+from vaeops.models import VAE, model_from_checkpoint, read_checkpoint
 from vaeops.progress import log
 
 EXAMPLE_BATCH = 4
@@ -35,6 +41,7 @@ SHAPE_CHECK_BATCHES = (1, 3, 257)
 PARITY_SEED = 0
 LARGE_BATCH = 512
 EXTREME_Z = 6.0
+ALIAS = "latest-export"  # moved to each new decoder version: models:/<name>@latest-export
 
 
 class Decoder(nn.Module):
@@ -215,103 +222,19 @@ def _failure(name: str, result: dict[str, Any], params: ExportParams) -> str:
     )
 
 
-def log_to_mlflow(
-    params: ExportParams,
-    experiment: str,
-    run_file: Path,
-    decoder: onnx.ModelProto,
-    encoder: onnx.ModelProto,
-    dec_example: np.ndarray,
-    enc_example: np.ndarray,
-    report: dict[str, Any],
-) -> int | None:
-    """Log both models (signature + input example) into the training run; register the decoder."""
-    import mlflow
-    import mlflow.onnx
-    from mlflow.models import infer_signature
-
-    # With pip_requirements given, MLflow still probes `pip --version` for conda.yaml; uv venvs have no
-    # pip, and the resulting warning on every export is noise.
-    logging.getLogger("mlflow.utils.environment").setLevel(logging.ERROR)
-    logging.getLogger("mlflow.utils.uv_utils").setLevel(logging.WARNING)
-
-    dec_sig = infer_signature(
-        {"z": dec_example}, {"image": session_for(decoder).run(None, {"z": dec_example})[0]}
-    )
-    mu, logvar = session_for(encoder).run(None, {"image": enc_example})
-    enc_sig = infer_signature({"image": enc_example}, {"mu": mu, "logvar": logvar})
-    with tracking.resume_run(run_file, experiment):
-        mlflow.log_metrics(
-            {
-                f"onnx/{m}_{k}": report[m][k]
-                for m in ("decoder", "encoder")
-                for k in ("max_abs_diff", "max_rel_diff")
-            }
-        )
-        mlflow.log_dict(report, "onnx/onnx_parity.json")
-        common = {
-            "onnx_execution_providers": ["CPUExecutionProvider"],
-            "save_as_external_data": False,
-            # Explicit requirements: MLflow would otherwise spend ~10 s inferring them in a subprocess.
-            "pip_requirements": [f"onnx=={onnx.__version__}", f"onnxruntime=={ort.__version__}"],
-        }
-        info = mlflow.onnx.log_model(
-            onnx.ModelProto.FromString(decoder.SerializeToString()),
-            name="decoder_onnx",
-            signature=dec_sig,
-            input_example={"z": dec_example},
-            registered_model_name=params.registered_model_name,
-            **common,
-        )
-        mlflow.onnx.log_model(
-            onnx.ModelProto.FromString(encoder.SerializeToString()),
-            name="encoder_onnx",
-            signature=enc_sig,
-            input_example={"image": enc_example},
-            **common,
-        )
-    version = getattr(info, "registered_model_version", None)
-    return int(version) if version is not None else None
-
-
-def run(
-    params: ExportParams,
-    experiment: str,
-    checkpoint: Path,
-    run_file: Path,
-    decoder_out: Path,
-    encoder_out: Path,
-    report_out: Path,
-) -> dict[str, Any]:
-    """Export, check, prove parity, log to MLflow; only then rename the models into place."""
-    state = load_checkpoint(checkpoint)
-    run_id = tracking.read_run_id(run_file)  # fail on a missing run file before the slow part
-    try:
-        model = model_from_checkpoint(state)
-    except (KeyError, TypeError, RuntimeError) as e:
-        raise UsageError(
-            f"{checkpoint}: does not match its own config ({str(e).splitlines()[0][:200]})"
-        ) from None
-    cfg = state["config"]
-    image_shape, latent_dim = [int(d) for d in cfg["image_shape"]], int(cfg["latent_dim"])
-
-    common_meta = {
-        "latent_dim": latent_dim,
-        "image_shape": image_shape,
-        "dataset": cfg.get("dataset", "unknown"),
-        "arch": cfg["arch"],
-        "git_commit": tracking.git_commit(),
-        "mlflow_run_id": run_id,
-        "opset": params.opset,
-        "created_by": f"vaeops {importlib.metadata.version('vaeops')}",
-    }
+def export_and_check(
+    model: VAE, params: ExportParams, meta: dict[str, Any]
+) -> tuple[onnx.ModelProto, onnx.ModelProto, dict[str, Any]]:
+    """(decoder, encoder, parity report): exported, graph-checked, run at several batch sizes and
+    proven equal to PyTorch within export.atol/rtol (else WorkError)."""
+    image_shape, latent_dim = meta["image_shape"], meta["latent_dim"]
     shape_txt = f"[batch, {', '.join(map(str, image_shape))}]"
-    log(f"exporting {cfg['arch']} VAE (latent_dim {latent_dim}, image {image_shape}), opset {params.opset}")
+    log(f"exporting {meta['arch']} VAE (latent_dim {latent_dim}, image {image_shape}), opset {params.opset}")
 
     dec = to_onnx(Decoder(model), torch.randn(EXAMPLE_BATCH, latent_dim), "z", ["image"], params.opset)
     add_metadata(
         dec,
-        {**common_meta, "input_names": ["z"], "output_names": ["image"]},
+        {**meta, "input_names": ["z"], "output_names": ["image"]},
         f"vaeops VAE decoder. Input 'z': float32 [batch, {latent_dim}], latents ~ N(0, I). "
         f"Output 'image': float32 {shape_txt}, pixel intensities in [0, 1] (sigmoid applied).",
     )
@@ -320,7 +243,7 @@ def run(
     )
     add_metadata(
         enc,
-        {**common_meta, "input_names": ["image"], "output_names": ["mu", "logvar"]},
+        {**meta, "input_names": ["image"], "output_names": ["mu", "logvar"]},
         f"vaeops VAE encoder. Input 'image': float32 {shape_txt} in [0, 1]. Outputs 'mu' and 'logvar': "
         f"float32 [batch, {latent_dim}], mean and log-variance of q(z|x).",
     )
@@ -338,7 +261,7 @@ def run(
     )
 
     report = {
-        "arch": cfg["arch"],
+        "arch": meta["arch"],
         "opset": params.opset,
         "atol": params.atol,
         "rtol": params.rtol,
@@ -351,16 +274,147 @@ def run(
     for name in ("decoder", "encoder"):
         if report[name]["tolerance_ratio"] > 1:
             raise WorkError(_failure(name, report[name], params))
+    return dec, enc, report
 
-    with atomic_path(decoder_out) as dec_tmp, atomic_path(encoder_out) as enc_tmp:
-        onnx.save_model(dec, dec_tmp)
-        onnx.save_model(enc, enc_tmp)
-        examples = decoder_cases(latent_dim)["batch_1"], encoder_cases(model)["batch_1"]
-        version = log_to_mlflow(params, experiment, run_file, dec, enc, *examples, report)
-        # DVC metrics: the per-model worst numbers only (the per-case breakdown goes to MLflow);
-        # every numeric leaf becomes a column of `dvc metrics show` / `dvc exp show`.
-        keys = ("max_abs_diff", "max_rel_diff", "tolerance_ratio")
-        summary = {m: {k: report[m][k] for k in keys} for m in ("decoder", "encoder")}
-        write_json(report_out, {**summary, "atol": params.atol, "rtol": params.rtol})
-    log(f"wrote {decoder_out}, {encoder_out}; registered {params.registered_model_name} version {version}")
-    return {**report, "registered_model": {"name": params.registered_model_name, "version": version}}
+
+def check_registry_name(client: Any, name: str) -> None:
+    """Fail before the slow part when MLflow's registry refuses the name (e.g. one with '/' or ':')."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        client.get_registered_model(name)
+    except MlflowException as e:
+        if e.error_code == "INVALID_PARAMETER_VALUE":
+            reason = (str(e.message).splitlines() or [e.error_code])[0]
+            raise UsageError(
+                f"export.registered_model_name = {name!r}: MLflow refuses it ({reason})"
+            ) from None
+        if e.error_code != "RESOURCE_DOES_NOT_EXIST":  # a new name is fine: registering creates it
+            raise
+
+
+def log_to_mlflow(
+    client: Any,
+    run_id: str,
+    params: ExportParams,
+    decoder: onnx.ModelProto,
+    encoder: onnx.ModelProto,
+    dec_example: np.ndarray,
+    enc_example: np.ndarray,
+    report: dict[str, Any],
+    version_tags: dict[str, str],
+) -> str:
+    """Log both models (signature + input example) and the parity report into the run by id; register
+    the decoder, tag that version and point the alias at it. Returns the version."""
+    import mlflow
+    import mlflow.onnx
+    from mlflow.entities import Metric
+    from mlflow.models import infer_signature
+
+    # With pip_requirements given, MLflow still probes `pip --version` for conda.yaml; uv venvs have no
+    # pip, and the resulting warning on every export is noise.
+    logging.getLogger("mlflow.utils.environment").setLevel(logging.ERROR)
+    logging.getLogger("mlflow.utils.uv_utils").setLevel(logging.WARNING)
+
+    dec_sig = infer_signature(
+        {"z": dec_example}, {"image": session_for(decoder).run(None, {"z": dec_example})[0]}
+    )
+    mu, logvar = session_for(encoder).run(None, {"image": enc_example})
+    enc_sig = infer_signature({"image": enc_example}, {"mu": mu, "logvar": logvar})
+
+    # One number on the run page; the per-model, per-case breakdown is the JSON artifact.
+    worst = max(report[m]["max_abs_diff"] for m in ("decoder", "encoder"))
+    client.log_batch(run_id, metrics=[Metric("onnx.parity_max_abs_diff", worst, int(time.time() * 1000), 0)])
+    client.log_dict(run_id, report, "onnx/onnx_parity.json")
+    run = client.get_run(run_id)
+
+    def log_model(proto: onnx.ModelProto, name: str, signature: Any, example: dict[str, np.ndarray]) -> Any:
+        # run_id reaches Model.log, which then logs into this run without starting or ending it. The
+        # logged model is created here, in the run's experiment: Model.log would file it under the
+        # process's active experiment (the Default one, as nothing here starts a run).
+        model = client.create_logged_model(
+            run.info.experiment_id, name=name, source_run_id=run_id, params=run.data.params
+        )
+        return mlflow.onnx.log_model(
+            onnx.ModelProto.FromString(proto.SerializeToString()),
+            name=name,
+            model_id=model.model_id,
+            run_id=run_id,
+            signature=signature,
+            input_example=example,
+            onnx_execution_providers=["CPUExecutionProvider"],
+            save_as_external_data=False,
+            # Explicit requirements: MLflow would otherwise spend ~10 s inferring them in a subprocess.
+            pip_requirements=[f"onnx=={onnx.__version__}", f"onnxruntime=={ort.__version__}"],
+        )
+
+    info = log_model(decoder, "decoder_onnx", dec_sig, {"z": dec_example})
+    log_model(encoder, "encoder_onnx", enc_sig, {"image": enc_example})
+    name = params.registered_model_name
+    version = str(mlflow.register_model(info.model_uri, name).version)
+    for key, value in version_tags.items():
+        client.set_model_version_tag(name, version, key, value)
+    client.set_registered_model_alias(name, ALIAS, version)
+    return version
+
+
+def run(
+    params: ExportParams,
+    checkpoint: Path,
+    run_file: Path,
+    decoder_out: Path,
+    encoder_out: Path,
+    report_out: Path,
+) -> dict[str, Any]:
+    """Export, check, prove parity, log into the checkpoint's MLflow run; only then rename the models
+    into place."""
+    state, sha256 = read_checkpoint(checkpoint)
+    run_id = tracking.checkpoint_run_id(state, checkpoint, run_file)
+    try:
+        model = model_from_checkpoint(state)
+    except (KeyError, TypeError, RuntimeError) as e:
+        raise UsageError(
+            f"{checkpoint}: does not match its own config ({str(e).splitlines()[0][:200]})"
+        ) from None
+    cfg = state["config"]
+    image_shape, latent_dim = [int(d) for d in cfg["image_shape"]], int(cfg["latent_dim"])
+    tracking.require_run(run_id)  # fail on a missing run before the slow part
+
+    with tracking.recording(run_id, "export") as client:
+        check_registry_name(client, params.registered_model_name)
+        common_meta = {
+            "latent_dim": latent_dim,
+            "image_shape": image_shape,
+            "dataset": cfg.get("dataset", "unknown"),
+            "arch": cfg["arch"],
+            "git_commit": tracking.git_commit(),
+            "mlflow_run_id": run_id,
+            "opset": params.opset,
+            "created_by": f"vaeops {importlib.metadata.version('vaeops')}",
+        }
+        dec, enc, report = export_and_check(model, params, common_meta)
+
+        # The models are the bytes read above: if a training replaced them meanwhile, log and write
+        # nothing rather than register an export of a model that is gone.
+        tracking.check_unchanged(checkpoint, sha256, "export")
+        version_tags = {k: str(common_meta[k]) for k in ("dataset", "arch", "latent_dim", "git_commit")}
+        if (test_elbo := client.get_run(run_id).data.metrics.get("test.elbo")) is not None:
+            version_tags["test_elbo"] = str(test_elbo)  # evaluate ran on this model
+        if exp := os.environ.get("DVC_EXP_NAME"):
+            version_tags["dvc_experiment"] = exp
+        with atomic_path(decoder_out) as dec_tmp, atomic_path(encoder_out) as enc_tmp:
+            onnx.save_model(dec, dec_tmp)
+            onnx.save_model(enc, enc_tmp)
+            examples = decoder_cases(latent_dim)["batch_1"], encoder_cases(model)["batch_1"]
+            version = log_to_mlflow(client, run_id, params, dec, enc, *examples, report, version_tags)
+            tracking.check_unchanged(checkpoint, sha256, "export")  # again: logging takes seconds
+            # DVC metrics: the per-model worst numbers only (the per-case breakdown goes to MLflow);
+            # every numeric leaf becomes a column of `dvc metrics show` / `dvc exp show`.
+            keys = ("max_abs_diff", "max_rel_diff", "tolerance_ratio")
+            summary = {m: {k: report[m][k] for k in keys} for m in ("decoder", "encoder")}
+            write_json(report_out, {**summary, "atol": params.atol, "rtol": params.rtol})
+
+    name = params.registered_model_name
+    log(f"wrote {decoder_out}, {encoder_out}; logged into MLflow run {run_id}")
+    log(f"registered {name} version {version}; models:/{name}@{ALIAS} now loads it")
+    return {**report, "registered_model": {"name": name, "version": int(version), "alias": ALIAS}}

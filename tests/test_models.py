@@ -86,9 +86,10 @@ def test_checkpoint_carrying_code_is_refused_and_not_run(tmp_path):
     marker = tmp_path / "code-ran"
     path = tmp_path / "evil.pt"
     torch.save({"model": {}, "config": CONFIG, "hook": Payload(marker)}, path)
-    with pytest.raises(UsageError, match="evil.pt: not a loadable vaeops checkpoint"):
+    with pytest.raises(UsageError, match="evil.pt: not a loadable vaeops checkpoint") as refused:
         load_checkpoint(path)
     assert not marker.exists()
+    assert "weights_only" not in str(refused.value)  # torch's advice is to run the code: never repeat it
     # The payload is real: an unsafe load would have run it.
     torch.load(path, weights_only=False)
     assert marker.exists()

@@ -25,6 +25,10 @@ def copy_project(dest: Path) -> Path:
         if (ROOT / f).is_file():
             (dest / f).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(ROOT / f, dest / f)
+    # What `make setup` generates into a checkout: the offline page template `dvc plots` uses.
+    template = ROOT / ".dvc/offline_plots.html"
+    if template.is_file():
+        shutil.copy2(template, dest / ".dvc/offline_plots.html")
     subprocess.run(["git", "init", "-q"], cwd=dest, check=True)
     return dest
 

@@ -7,6 +7,8 @@ loss uses the numerically stable BCE-with-logits.
 import hashlib
 import io
 import math
+import pickle
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -176,7 +178,15 @@ def read_checkpoint(path: Path | str) -> tuple[dict[str, Any], str]:
 
 def load_checkpoint_bytes(data: bytes, name: Path | str = "checkpoint") -> dict[str, Any]:
     try:
-        return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torch warns about the pickle protocol before refusing
+            return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        # torch's own message suggests weights_only=False, i.e. running code from the file: never that.
+        raise UsageError(
+            f"{name}: not a loadable vaeops checkpoint (it holds more than tensors and plain values, or is "
+            "not a torch file); retrain with `dvc repro train`"
+        ) from None
     except Exception as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise UsageError(f"{name}: not a loadable vaeops checkpoint ({first[:200]})") from None

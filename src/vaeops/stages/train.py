@@ -31,7 +31,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from vaeops import tracking
-from vaeops.config import TrainParams
+from vaeops.config import TrainParams, env_overrides
 from vaeops.errors import UsageError, WorkError
 from vaeops.figures import grid, save_png
 from vaeops.io import atomic_path, remove_dead_temp_files, write_json
@@ -520,6 +520,9 @@ def _run(params: TrainParams, paths: Paths) -> dict[str, Any]:
     tags = {"dataset": config["dataset"], "arch": params.arch}
     owner = tracking.process_tags()  # lets a later training tell if this process died (kill -9)
     tags |= owner
+    if overrides := env_overrides():
+        # Outside DVC the environment may override params.yaml: say so where the run is read.
+        tags["vaeops.env_overrides"] = " ".join(f"{k}={v}" for k, v in sorted(overrides.items()))
     if lead:
         clean_up_after_killed(params.experiment, paths)
     # Only rank 0 opens (or re-enters) the MLflow run; the other ranks train and write nothing.
@@ -604,7 +607,7 @@ def _run(params: TrainParams, paths: Paths) -> dict[str, Any]:
             "epochs": int(last["epoch"]),
             "seconds": round(seconds, 2),
         }
-        mlflow.log_metric("train/seconds", seconds)
+        mlflow.log_metric("train.seconds", seconds)  # one value: no chart among the curves
         write_json(paths.metrics, summary)
     return summary
 

@@ -176,7 +176,8 @@ def test_readme_experiment_loop(clone, tmp_path):
     diff = run("dvc", "metrics", "diff", "HEAD", wide_name, cwd=proj).stdout
     assert "test.elbo" in diff and "failed" not in diff
     run("dvc", "plots", "diff", "HEAD", wide_name, "-o", str(tmp_path / "plots"), cwd=proj)
-    assert "train_curve.csv" in (tmp_path / "plots/index.html").read_text()
+    page = (tmp_path / "plots/index.html").read_text()
+    assert "ELBO (nats per image" in page and '"rev": "HEAD"' in page and f'"rev": "{wide_name}"' in page
 
     # The MLflow runs say what ran: the params DVC recorded, and the experiment's name.
     runs = {r["data"]["tags"].get("dvc_experiment"): r for r in store_runs(proj / "mlruns.db")}

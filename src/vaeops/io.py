@@ -1,4 +1,4 @@
-"""Atomic file output: every stage writes to a temp file beside the target and renames it."""
+"""Atomic output: every stage writes to a temp file (or folder) beside the target and renames it."""
 
 import json
 import os
@@ -29,12 +29,40 @@ def atomic_path(target: Path | str) -> Iterator[Path]:
     try:
         yield tmp_path
         # mkstemp creates 0600; give the file the mode a plain open() would have.
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp_path, 0o666 & ~umask)
+        os.chmod(tmp_path, 0o666 & ~_umask())
         os.replace(tmp_path, target)
     finally:
         tmp_path.unlink(missing_ok=True)
+
+
+@contextmanager
+def atomic_folder(target: Path | str) -> Iterator[Path]:
+    """Yield an empty temp folder beside `target`; swap it in for the target only if the block succeeds.
+
+    For a folder of outputs that must change as one set (evaluate's figures): on any exception the
+    temp folder goes and the previous folder stays exactly as it was.
+    """
+    import shutil
+
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.{os.getpid()}.", suffix=".tmp"))
+    old = tmp.with_name(tmp.name.replace(".tmp", ".old.tmp"))
+    try:
+        yield tmp
+        os.chmod(tmp, 0o777 & ~_umask())
+        if target.exists():
+            os.replace(target, old)
+        os.replace(tmp, target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _umask() -> int:
+    umask = os.umask(0)
+    os.umask(umask)
+    return umask
 
 
 def process_start(pid: int) -> str | None:
@@ -74,7 +102,12 @@ def remove_dead_temp_files(folders: Iterable[Path | str]) -> list[Path]:
         for path in sorted(folder.glob(".*.tmp")):
             match = TEMP_NAME.fullmatch(path.name)
             if match and process_ended(int(match[1])):
-                path.unlink(missing_ok=True)
+                if path.is_dir() and not path.is_symlink():  # an atomic_folder's
+                    import shutil
+
+                    shutil.rmtree(path, ignore_errors=True)
+                else:
+                    path.unlink(missing_ok=True)
                 removed.append(path)
     return removed
 

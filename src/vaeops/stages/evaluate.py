@@ -19,7 +19,7 @@ from torch import Tensor
 from vaeops import figures, losses, tracking
 from vaeops.config import EvaluateParams, TrainParams
 from vaeops.errors import UsageError, WorkError
-from vaeops.io import write_json
+from vaeops.io import atomic_folder, atomic_path
 from vaeops.models import VAE, model_from_checkpoint, read_checkpoint, resolve_device
 from vaeops.progress import log
 from vaeops.stages.preprocess import load_split
@@ -340,17 +340,24 @@ def run(
         # channels_last: ~20% less time in the conv decoder's transposed convs on CPU, same numbers.
         model = model_from_checkpoint(state).to(device, memory_format=torch.channels_last)
         test, by_class, pics, timings = score(model, images, labels, classes, cfg, params, device)
-        # The numbers describe the bytes read above: if a training replaced them meanwhile, log and
-        # write nothing rather than pin them on the new model (or leave reports about a gone one).
-        tracking.check_unchanged(model_path, sha256, "evaluate")
-        log_to_mlflow(client, run_id, test, by_class, pics, params)
-        tracking.check_unchanged(model_path, sha256, "evaluate")  # again: logging takes seconds
-        write_json(metrics_path, {"test": test})
-        write_json(by_class_path, by_class)  # one record per class: what a DVC bar plot reads
-        for name, pic in pics.items():
-            figures.save_png(figures_dir / f"{name}.png", pic)
-        if "manifold" not in pics:  # a stale grid from an earlier 2-D model would mislead
-            (figures_dir / "manifold.png").unlink(missing_ok=True)
+        # The reports change as one set: written to temp files and a temp folder first, renamed into
+        # place only after MLflow has the same numbers, so a failure half-way (disk full, a store that
+        # refuses) leaves the previous set.
+        with (
+            atomic_path(metrics_path) as metrics_tmp,
+            atomic_path(by_class_path) as by_class_tmp,
+            atomic_folder(figures_dir) as figures_tmp,
+        ):
+            metrics_tmp.write_text(json.dumps({"test": test}, indent=2) + "\n")
+            # One record per class: what a DVC bar plot reads.
+            by_class_tmp.write_text(json.dumps(by_class, indent=2) + "\n")
+            for name, pic in pics.items():
+                figures.save_png(figures_tmp / f"{name}.png", pic)
+            # The numbers describe the bytes read above: if a training replaced them meanwhile, log and
+            # write nothing rather than pin them on the new model (or leave reports about a gone one).
+            tracking.check_unchanged(model_path, sha256, "evaluate")
+            log_to_mlflow(client, run_id, test, by_class, pics, params)
+            tracking.check_unchanged(model_path, sha256, "evaluate")  # again: logging takes seconds
 
     log(
         f"test: elbo {test['elbo']:.2f}  recon {test['recon']:.2f}  kl {test['kl']:.2f}  "

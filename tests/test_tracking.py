@@ -188,3 +188,44 @@ def test_run_file_must_name_the_checkpoints_run(tmp_path):
         tracking.checkpoint_run_id({"run_id": "aaaa"}, tmp_path / "vae.pt", run_file)
     with pytest.raises(UsageError, match="names no MLflow run"):
         tracking.checkpoint_run_id({}, tmp_path / "vae.pt", run_file)
+
+
+def test_deleted_experiment_or_run_is_one_line_with_a_restore_command_that_works(tmp_path):
+    """Deleted in the UI: train and evaluate say so and print the `mlflow ... restore` that fixes it."""
+    import os
+    import shlex
+
+    from conftest import run_cli, write_processed
+
+    write_processed(tmp_path / "data/processed", {"train": 64, "val": 32, "test": 32})
+    (tmp_path / "params.yaml").write_text(
+        "train:\n  epochs: 1\n  batch_size: 32\n  hidden_dim: 16\n  latent_dim: 2\n"
+        "evaluate:\n  iwae_samples: 2\n  iwae_images: 8\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "VAEOPS_PROJECT_ROOT")}
+    assert run_cli("train", cwd=tmp_path, env=env).returncode == 0
+    run_id = json.loads((tmp_path / "models/run.json").read_text())["run_id"]
+    client = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'mlruns.db'}")
+
+    def refused(stage: str, what: str) -> str:
+        res = run_cli(stage, cwd=tmp_path, env=env)
+        errors = [line for line in res.stderr.splitlines() if line.startswith("error:")]
+        assert res.returncode == 2 and len(errors) == 1 and "Traceback" not in res.stderr, res.stderr
+        assert f"{what} was deleted" in errors[0]
+        return errors[0].split("`")[1]  # the restore command, between backticks
+
+    def restore(command: str) -> None:
+        """Run `MLFLOW_TRACKING_URI='...' mlflow <kind> restore ...` as the line says."""
+        assignment, program, *args = shlex.split(command)
+        name, value = assignment.split("=", 1)
+        assert program == "mlflow"
+        exe = Path(sys.executable).with_name("mlflow")
+        assert subprocess.run([str(exe), *args], env={**env, name: value}, cwd=tmp_path).returncode == 0
+
+    client.delete_run(run_id)
+    restore(refused("evaluate", f"MLflow run {run_id} of the checkpoint"))
+    assert run_cli("evaluate", cwd=tmp_path, env=env).returncode == 0
+
+    client.delete_experiment(client.get_run(run_id).info.experiment_id)
+    restore(refused("train", "MLflow experiment 'vaeops'"))
+    assert run_cli("train", cwd=tmp_path, env=env).returncode == 0

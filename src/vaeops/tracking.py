@@ -118,15 +118,29 @@ def setup(experiment: str) -> str:
     with _store_lock(embedded):
         try:
             exp = mlflow.get_experiment_by_name(experiment)
-            if exp is not None:
-                return exp.experiment_id
-            location = (project_root() / ARTIFACTS).as_uri() if embedded else None
-            # The UI opens an experiment of this kind on its runs and charts, not the GenAI pages.
-            tags = {"mlflow.experimentKind": "custom_model_development"}
-            return mlflow.create_experiment(experiment, artifact_location=location, tags=tags)
+            if exp is None:
+                location = (project_root() / ARTIFACTS).as_uri() if embedded else None
+                # The UI opens an experiment of this kind on its runs and charts, not the GenAI pages.
+                tags = {"mlflow.experimentKind": "custom_model_development"}
+                return mlflow.create_experiment(experiment, artifact_location=location, tags=tags)
         except Exception as e:
             first = (str(e).splitlines() or [type(e).__name__])[0][:200]
             raise UsageError(f"MLflow tracking store {uri} is not usable: {first}") from None
+    if exp.lifecycle_stage == "deleted":
+        # Deleted in the UI: the name stays taken until the store is cleaned, so it can't be recreated.
+        raise UsageError(
+            f"MLflow experiment '{experiment}' was deleted (in the UI?); restore it with "
+            f"`{restore_command('experiments', '--experiment-id', exp.experiment_id)}`, or set "
+            "train.experiment to a new name"
+        )
+    return exp.experiment_id
+
+
+def restore_command(kind: str, option: str, value: str) -> str:
+    """The `mlflow ... restore` command line for this store (the embedded one needs its URI)."""
+    uri = tracking_uri()
+    prefix = f"MLFLOW_TRACKING_URI='{uri}' " if uri == embedded_uri() else ""
+    return f"{prefix}mlflow {kind} restore {option} {value}"
 
 
 def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -197,13 +211,27 @@ def require_run(run_id: str) -> None:
 
     uri = connect()
     with _store_lock(uri == embedded_uri()):  # a first access creates the schema
+        client = mlflow.MlflowClient()
         try:
-            mlflow.MlflowClient().get_run(run_id)
+            run = client.get_run(run_id)
+            experiment = client.get_experiment(run.info.experiment_id)
         except Exception:
             raise UsageError(
                 f"MLflow run {run_id} of the checkpoint is not in the store {uri}; retrain or set "
                 "MLFLOW_TRACKING_URI to the store that recorded it"
             ) from None
+    # MLflow refuses to log into a deleted run, or a run of a deleted experiment.
+    if run.info.lifecycle_stage == "deleted":
+        raise UsageError(
+            f"MLflow run {run_id} of the checkpoint was deleted (in the UI?); restore it with "
+            f"`{restore_command('runs', '--run-id', run_id)}`, or retrain"
+        )
+    if experiment.lifecycle_stage == "deleted":
+        raise UsageError(
+            f"MLflow experiment '{experiment.name}' of the checkpoint's run was deleted (in the UI?); "
+            f"restore it with `{restore_command('experiments', '--experiment-id', experiment.experiment_id)}`"
+            ", or retrain"
+        )
 
 
 def check_unchanged(model_path: Path, sha256: str, stage: str) -> None:

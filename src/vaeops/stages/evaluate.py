@@ -330,7 +330,7 @@ def run(
     cfg = check_checkpoint(state, train, model_path)
     run_id = tracking.checkpoint_run_id(state, model_path, run_file)
     classes = _read_meta(data_dir, cfg)
-    images, labels = load_split(data_dir / "test.npz")
+    images, labels = load_split(data_dir / "test.npz", cfg["image_shape"], len(classes))
     if len(images) < 2:
         raise UsageError(f"{data_dir / 'test.npz'}: {len(images)} test images; evaluate needs at least 2")
     device = resolve_device(params.device, "evaluate.device")

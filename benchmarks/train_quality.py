@@ -1,6 +1,6 @@
 """Quality of the training recipe: test-set −ELBO (nats per image, single sample) after N epochs.
 
-Trains with vaeops' own loop (vaeops.stages.train.make_loop / train_epoch, no MLflow) on the
+Trains with vaeops' own loop (vaeops.training.loop.make_loop / train_epoch, no MLflow) on the
 processed MNIST split and evaluates the test split at the end of each run, for
 (a) the pytorch/examples recipe — Adam, lr 1e-3 constant, batch 128 — and
 (b) the defaults in params.yaml (or train.* overrides given as key=value).
@@ -18,8 +18,9 @@ import torch
 import yaml
 
 from vaeops.config import TrainParams, load_params
-from vaeops.stages import train
 from vaeops.stages.preprocess import load_split
+from vaeops.stages.train import load_data
+from vaeops.training.loop import evaluate, make_loop, scale, train_epoch
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = {"optimizer": "adam", "lr": 1e-3, "lr_schedule": "none", "lr_warmup_steps": 0}
@@ -31,17 +32,17 @@ def test_nelbo(params: TrainParams, data: Path, overrides: dict, epochs: int) ->
     p = params.model_copy(update=overrides | {"epochs": epochs, "device": "cpu"})
     if p.threads:
         torch.set_num_threads(p.threads)
-    train_u8, val_u8, _ = train.load_data(data)
+    train_u8, val_u8, _ = load_data(data)
     test_u8 = torch.from_numpy(load_split(data / "test.npz")[0])
-    loop = train.make_loop(p, train_u8, torch.device("cpu"))
+    loop = make_loop(p, train_u8, torch.device("cpu"))
     t0 = time.perf_counter()
     for epoch in range(1, epochs + 1):
-        train.train_epoch(loop, epoch)
+        train_epoch(loop, epoch)
     seconds = time.perf_counter() - t0
     torch.manual_seed(12345)  # the same reparameterization noise for every evaluated model
     out = []
     for x in (test_u8, val_u8):
-        recon, kl = train.evaluate(loop.model, train.scale(x, False, None), nullcontext())
+        recon, kl = evaluate(loop.model, scale(x, False, None), nullcontext())
         out.append(recon + kl)
     return out[0], out[1], seconds
 

@@ -2,7 +2,7 @@
 
 (a) baseline: pytorch/examples vae/main.py — torchvision MNIST + ToTensor through a DataLoader
     (batch 128, shuffle), sigmoid decoder output, BCE summed, loss.item() every step.
-(b) ours: vaeops.stages.train.train_epoch — the split as one uint8 tensor, seeded permutation,
+(b) ours: vaeops.training.loop.train_epoch — the split as one uint8 tensor, seeded permutation,
     whole-batch scaling, BCE-with-logits, sums kept on the device.
 (c) with --bf16: (b) under train.bf16, bf16 autocast on the CPU (pays off with AVX512-BF16 or AMX).
 
@@ -26,8 +26,9 @@ import torch
 from torch.nn import functional as F
 
 from vaeops.config import TrainParams
-from vaeops.stages import train
+from vaeops.models import build_model
 from vaeops.stages.preprocess import load_split
+from vaeops.training.loop import make_loop, train_epoch
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -69,7 +70,7 @@ def baseline(arch: str, ds) -> Callable[[], int]:
     from torch.utils.data import DataLoader
 
     torch.manual_seed(0)
-    model = train.build_model(arch, (1, 28, 28), 20, 400)
+    model = build_model(arch, (1, 28, 28), 20, 400)
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
     baseline_epoch(model, opt, DataLoader(torch.utils.data.Subset(ds, range(128 * 5)), batch_size=128))
     loader = DataLoader(ds, batch_size=128, shuffle=True)
@@ -79,14 +80,14 @@ def baseline(arch: str, ds) -> Callable[[], int]:
 def ours(arch: str, images: torch.Tensor, epochs: int, bf16: bool = False) -> Callable[[], int]:
     """vaeops' loop with the default params, warmed up; the returned function trains one epoch."""
     params = TrainParams(arch=arch, epochs=epochs + 1, device="cpu", bf16=bf16)
-    loop = train.make_loop(params, images[: 128 * 5], torch.device("cpu"))
-    train.train_epoch(loop, 1)  # warm-up on a few batches, like the baseline
+    loop = make_loop(params, images[: 128 * 5], torch.device("cpu"))
+    train_epoch(loop, 1)  # warm-up on a few batches, like the baseline
     loop.data = images
     loop.__post_init__()
     epoch = iter(range(2, epochs + 2))
 
     def one() -> int:
-        train.train_epoch(loop, next(epoch))
+        train_epoch(loop, next(epoch))
         return loop.steps * loop.batch
 
     return one

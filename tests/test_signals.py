@@ -20,7 +20,7 @@ from conftest import ROOT, isolate_mlflow, run_cli, write_processed
 from vaeops import tracking
 from vaeops.io import atomic_path, remove_dead_temp_files
 from vaeops.models import load_checkpoint
-from vaeops.stages.train import Interrupted, StopFlag
+from vaeops.training.signals import Interrupted, StopFlag
 
 EPOCHS = 6
 # Hundreds of small steps per epoch: a signal sent mid-epoch lands between steps, well before the end.

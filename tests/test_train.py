@@ -20,6 +20,8 @@ from vaeops.config import TrainParams
 from vaeops.errors import UsageError, WorkError
 from vaeops.models import load_checkpoint, model_from_checkpoint
 from vaeops.stages import train
+from vaeops.training import loop
+from vaeops.training.resume import RESUME_FREE, resume_state
 
 SHAPE = (1, 12, 12)
 TINY = {"latent_dim": 4, "hidden_dim": 32, "batch_size": 32, "epochs": 2, "log_every_steps": 4}
@@ -206,8 +208,8 @@ def test_mlflow_run_has_params_curves_images_and_tags(project, monkeypatch):
 def test_divergence_mid_run_keeps_the_last_good_epoch(project, monkeypatch):
     params = TrainParams(**TINY | {"epochs": 3, "optimizer": "sgd", "lr": 1e-3})
     # An lr that blows up from the first step of epoch 2 (12 steps per epoch).
-    real_lr = train.lr_at
-    monkeypatch.setattr(train, "lr_at", lambda s, total, p: 1e12 if s >= 12 else real_lr(s, total, p))
+    real_lr = loop.lr_at
+    monkeypatch.setattr(loop, "lr_at", lambda s, total, p: 1e12 if s >= 12 else real_lr(s, total, p))
     with pytest.raises(WorkError) as err:
         train.run(params, paths(project))
     msg = str(err.value)
@@ -261,7 +263,7 @@ def test_cli_ctrl_c_leaves_a_loadable_checkpoint_that_resume_accepts(project):
 
     write_params(project, epochs=200, resume=True)
     params = yaml.safe_load((project / "params.yaml").read_text())["train"]
-    state = train._resume_state(TrainParams(**params), ckpt, load_checkpoint(ckpt)["config"])
+    state = resume_state(TrainParams(**params), ckpt, load_checkpoint(ckpt)["config"])
     assert state is not None and state["epoch"] == epoch
 
 
@@ -286,21 +288,21 @@ def test_cli_path_options_and_bad_data(project):
 
 def test_lr_schedule_and_kl_warmup():
     p = TrainParams(lr=1e-3, lr_warmup_steps=10, lr_schedule="cosine")
-    lrs = [train.lr_at(s, 110, p) for s in range(110)]
+    lrs = [loop.lr_at(s, 110, p) for s in range(110)]
     assert lrs[0] == pytest.approx(1e-4) and lrs[9] == pytest.approx(1e-3)
     assert lrs[10] == pytest.approx(1e-3) and lrs[60] == pytest.approx(5e-4) and lrs[-1] < 1e-6
     assert all(a >= b for a, b in zip(lrs[9:], lrs[10:], strict=False))
-    assert train.lr_at(50, 110, TrainParams(lr=1e-3, lr_schedule="none", lr_warmup_steps=0)) == 1e-3
-    assert [train.beta_at(s, 4, 1.0) for s in range(6)] == [0.25, 0.5, 0.75, 1.0, 1.0, 1.0]
-    assert train.beta_at(0, 0, 0.5) == 0.5
+    assert loop.lr_at(50, 110, TrainParams(lr=1e-3, lr_schedule="none", lr_warmup_steps=0)) == 1e-3
+    assert [loop.beta_at(s, 4, 1.0) for s in range(6)] == [0.25, 0.5, 0.75, 1.0, 1.0, 1.0]
+    assert loop.beta_at(0, 0, 0.5) == 0.5
 
 
 def test_batches_are_scaled_or_binarized_whole():
     x = torch.tensor([[0, 128, 255]], dtype=torch.uint8)
-    assert torch.equal(train.scale(x, False, None), x.float() / 255)
+    assert torch.equal(loop.scale(x, False, None), x.float() / 255)
     gen = torch.Generator().manual_seed(0)
     big = torch.full((1000, 10), 51, dtype=torch.uint8)  # p = 0.2
-    b = train.scale(big, True, gen)
+    b = loop.scale(big, True, gen)
     assert set(b.unique().tolist()) == {0.0, 1.0} and abs(b.mean().item() - 0.2) < 0.01
 
 
@@ -309,9 +311,13 @@ def test_dvc_stage_declares_what_train_reads_and_writes():
     stage = dvc["stages"]["train"]
     assert stage["cmd"] == "vaeops train"
     # Exactly the params that change the weights: the rest (threads, device, ...) may change freely.
-    weights = {f"train.{k}" for k in TrainParams.model_fields if k not in train.RESUME_FREE}
+    weights = {f"train.{k}" for k in TrainParams.model_fields if k not in RESUME_FREE}
     assert set(stage["params"]) == weights
-    code = {f"src/vaeops/{m}.py" for m in ("stages/train", "models", "losses", "tracking", "figures")}
+    modules = ["stages/train", "models", "losses", "tracking", "figures"]
+    # Every module of the training package: one added later must be declared too.
+    package = ROOT / "src/vaeops/training"
+    modules += [f"training/{p.stem}" for p in package.glob("*.py") if p.stem != "__init__"]
+    code = {f"src/vaeops/{m}.py" for m in modules}
     data = {f"data/processed/{f}" for f in ("train.npz", "val.npz", "meta.json")}
     assert set(stage["deps"]) == code | data
     assert stage["outs"] == [{"models/vae.pt": {"persist": True}}, "models/run.json"]
@@ -350,12 +356,14 @@ def test_dvc_repro_train_on_real_mnist_plots_and_resume(tmp_path):
 
     assert "Running stage" not in dvc("repro", "train", cwd=proj).stdout  # nothing changed
 
-    # train.resume on a finished run: DVC reruns the stage (a param changed) but must not delete the
-    # persistent checkpoint first, so train picks up after epoch 2 and trains nothing more.
+    # train.resume on a finished run. DVC does not track train.resume (it leaves the weights as they
+    # are), so the rerun is forced; DVC must not delete the persistent checkpoint first, so train
+    # picks up after epoch 2 and trains nothing more.
     before = (proj / "models/vae.pt").read_bytes()
     params["train"]["resume"] = True
     (proj / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    res = dvc("repro", "train", cwd=proj)
+    assert "Running stage" not in dvc("repro", "train", cwd=proj).stdout
+    res = dvc("repro", "--force", "--single-item", "train", cwd=proj)
     assert "Running stage 'train'" in res.stdout and "after epoch 2 of 2" in res.stdout + res.stderr
     assert (proj / "models/vae.pt").read_bytes() == before
     again = json.loads((proj / "reports/train.json").read_text())

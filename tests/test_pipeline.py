@@ -33,11 +33,12 @@ def copy_project(dest: Path) -> Path:
     return dest
 
 
-def dvc(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+def dvc(*args: str, cwd: Path, **extra_env: str) -> subprocess.CompletedProcess:
     env = {
         **os.environ,
         "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
         "VAEOPS_DATA_MIRROR": str(SHARED / "mnist"),
+        **extra_env,
     }
     env.pop("MLFLOW_TRACKING_URI", None)  # the embedded store of the copied project
     res = subprocess.run(["dvc", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=900)

@@ -15,7 +15,7 @@ from pathlib import Path
 import mlflow
 import pytest
 import yaml
-from conftest import ROOT, isolate_mlflow, run_cli, write_processed
+from conftest import ROOT, SHARED, isolate_mlflow, run_cli, write_processed
 
 from vaeops import tracking
 from vaeops.io import atomic_path, remove_dead_temp_files
@@ -233,3 +233,42 @@ def test_a_signal_waits_for_the_check_and_a_second_one_stops_at_once():
             time.sleep(5)  # interrupted by the handler's raise
         assert second.value.signum == signal.SIGHUP
     assert {s: signal.getsignal(s) for s in before} == before
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not (SHARED / "mnist").exists(), reason="../shared/datasets/mnist absent")
+def test_sigterm_to_dvc_repro_then_resume_as_the_readme_says(tmp_path):
+    """`docker stop` on `dvc repro`, then `VAEOPS_TRAIN__RESUME=true dvc repro` finishes the same run."""
+    from test_pipeline import copy_project, dvc
+
+    proj = copy_project(tmp_path / "proj")
+    params = yaml.safe_load((proj / "params.yaml").read_text())
+    params["train"].update(epochs=3, threads=1)
+    params["evaluate"].update(iwae_samples=2, iwae_images=10)
+    (proj / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    dvc("repro", "preprocess", cwd=proj)
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}", **ENV}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    repro = subprocess.Popen(
+        ["dvc", "repro", "train"],
+        cwd=proj,
+        env=env,
+        start_new_session=True,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    deadline = time.monotonic() + 300
+    while not (proj / "models/vae.pt").exists():  # epoch 1 is checkpointed: stop during epoch 2
+        assert repro.poll() is None and time.monotonic() < deadline
+        time.sleep(0.2)
+    os.killpg(repro.pid, signal.SIGTERM)  # what `docker stop` sends to the container's processes
+    repro.wait(timeout=120)
+    assert repro.returncode != 0
+    kept = load_checkpoint(proj / "models/vae.pt")["epoch"]
+    assert 1 <= kept < 3
+    resumed = dvc("repro", "train", cwd=proj, VAEOPS_TRAIN__RESUME="true")
+    assert f"after epoch {kept} of 3" in resumed.stdout + resumed.stderr
+    assert json.loads((proj / "reports/train.json").read_text())["epochs"] == 3
+    client = mlflow.MlflowClient(f"sqlite:///{proj / 'mlruns.db'}")
+    (run,) = client.search_runs([client.get_experiment_by_name("vaeops").experiment_id])
+    assert run.info.status == "FINISHED"

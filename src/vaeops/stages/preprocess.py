@@ -8,6 +8,9 @@ whole batches. The validation split is a seeded random subset of the training se
 """
 
 import json
+import zipfile
+import zlib
+from collections.abc import Sequence
 from contextlib import ExitStack
 from pathlib import Path
 
@@ -30,11 +33,50 @@ def save_split(path: Path, images: np.ndarray, labels: np.ndarray) -> None:
         _savez(tmp, images, labels)
 
 
-def load_split(path: Path) -> tuple[np.ndarray, np.ndarray]:
+def load_split(
+    path: Path, image_shape: Sequence[int] | None = None, classes: int | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """A split as save_split wrote it: uint8 images N×C×H×W and integer labels N. A damaged or foreign
+    file is one clear error here rather than a failure deep inside a stage. `image_shape` (C, H, W)
+    and the number of `classes`, when given, are checked too."""
+    redo = "rerun `dvc repro preprocess`"
+    if path.is_dir():
+        raise UsageError(f"{path}: is a folder, not a split; {redo}")
     if not path.is_file():
         raise UsageError(f"{path}: missing; run `dvc repro preprocess` first")
-    with np.load(path, allow_pickle=False) as z:
-        return z["images"], z["labels"]
+    try:
+        data = np.load(path, allow_pickle=False)
+        if not isinstance(data, np.lib.npyio.NpzFile):
+            raise ValueError("a single .npy array, not an .npz archive")
+        with data as z:
+            missing = [key for key in ("images", "labels") if key not in z.files]
+            if missing:
+                raise UsageError(
+                    f"{path}: has no {' or '.join(missing)} array; not a split of preprocess; {redo}"
+                )
+            images, labels = z["images"], z["labels"]
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error) as e:
+        # np.load's own message for a file that is no archive suggests unpickling it: never do that.
+        reason = "not an .npz archive" if "pickle" in str(e) else str(e).strip().splitlines()[0][:200]
+        raise UsageError(f"{path}: not a readable split ({reason}); {redo}") from None
+    if images.dtype != np.uint8 or images.ndim != 4:
+        raise UsageError(
+            f"{path}: images are {images.dtype} {list(images.shape)}, expected uint8 N×C×H×W; {redo}"
+        )
+    if image_shape is not None and tuple(images.shape[1:]) != tuple(image_shape):
+        expected = "×".join(map(str, image_shape))
+        raise UsageError(f"{path}: images are {list(images.shape)}, expected N×{expected}; {redo}")
+    if labels.dtype.kind not in "iu" or labels.shape != (len(images),):
+        raise UsageError(
+            f"{path}: labels are {labels.dtype} {list(labels.shape)}, expected {len(images)} integers "
+            f"(one per image); {redo}"
+        )
+    top = classes - 1 if classes is not None else None
+    if len(labels) and (labels.min() < 0 or (top is not None and labels.max() > top)):
+        bad = labels.min() if labels.min() < 0 else labels.max()
+        allowed = f"0..{top}" if top is not None else "≥ 0"
+        raise UsageError(f"{path}: label {bad} outside {allowed}; {redo}")
+    return images, labels.astype(np.int64, copy=False)
 
 
 def _stats(images: np.ndarray, labels: np.ndarray, n_classes: int) -> dict:

@@ -5,6 +5,7 @@ Each command imports its stage module (and with it torch, mlflow, onnx) only whe
 """
 
 import errno
+import logging
 import os
 import sys
 import traceback
@@ -81,7 +82,7 @@ def train(
     p = load_params(params_file).train
     if p.nproc > 1 and train.world()[1] == 1:
         # Not under torchrun yet: run this same command as train.nproc workers (see README, DDP).
-        raise typer.Exit(train.launch(p, sys.argv[1:]))
+        sys.exit(train.launch(p, sys.argv[1:]))
     try:
         train.run(p, train.Paths(data, model, run_file, metrics, curve, samples))
     except KeyboardInterrupt as e:
@@ -93,7 +94,9 @@ def train(
             f"interrupted: {model} holds the last finished epoch; continue with train.resume = true "
             f"({signal.Signals(signum).name})"
         )
-        raise typer.Exit(128 + signum) from None
+        # sys.exit, not typer.Exit: main() reads an exit code 130 that typer returns as a Ctrl-C
+        # it caught, which this is not (the line above already says what happened).
+        sys.exit(128 + signum)
 
 
 @app.command()
@@ -222,37 +225,80 @@ def _store_uri() -> str:
         return os.environ.get("MLFLOW_TRACKING_URI", "(unknown)")
 
 
+def _causes(e: BaseException) -> list[BaseException]:
+    """e and the errors it was raised from (`raise ... from`), outermost first."""
+    chain: list[BaseException] = []
+    while e is not None and e not in chain:
+        chain.append(e)
+        e = e.__cause__ or getattr(e, "orig", None)  # sqlalchemy keeps the driver's error in .orig
+    return chain
+
+
+# What to do about the SQLite errors a damaged, read-only or full store gives, and the exit code:
+# 2 where the store itself must be fixed, as for any other damaged input.
+DAMAGED = "the file is damaged; restore it from a backup, or move it away to start a new store"
+SQLITE_HINTS = {
+    "readonly database": (
+        "the file or its folder is read-only; make them writable or set MLFLOW_TRACKING_URI",
+        1,
+    ),
+    "disk is full": ("free some space and rerun", 1),
+    "not a database": (DAMAGED, 2),
+    "malformed": (DAMAGED, 2),
+    "unable to open": ("check that it is a file in a folder you can write", 1),
+    "locked": ("another process holds it; wait for it, or stop it", 1),
+}
+
+
+def _explain_os_error(e: OSError) -> str:
+    path = e.filename
+    if e.errno == errno.ENOSPC:
+        return f"no space left on the device holding {path or 'the output'}; free some and rerun"
+    if e.errno == errno.EDQUOT:
+        return f"disk quota exceeded writing {path or 'the output'}; free some space and rerun"
+    if e.errno == errno.EFBIG:
+        return (
+            f"{path or 'an output'}: file too large for this process's file-size limit (ulimit -f) or the "
+            "file system; raise the limit or write somewhere else"
+        )
+    if e.errno == errno.EROFS:
+        return f"cannot write {path or 'the output'} (read-only file system); write somewhere else"
+    if e.errno in (errno.EACCES, errno.EPERM):
+        return f"cannot write or read {path or 'a file'} (permission denied); check its owner and mode"
+    if e.errno == errno.ENOENT:
+        return f"no such file or folder: {path or _first_line(e)}"
+    return f"{path}: {e.strerror}" if path and e.strerror else f"{type(e).__name__}: {_first_line(e)}"
+
+
 def _explain(e: Exception) -> tuple[str, int]:
     """One line and an exit code for a failure: 2 when the user must change an input, else 1.
 
     Third-party errors are recognised by class and module name, so that neither this module nor
-    `vaeops --help` imports mlflow, sqlalchemy or onnxruntime.
+    `vaeops --help` imports mlflow, sqlalchemy or onnxruntime. A library error raised from an OS or
+    SQLite error (MLflow wraps both) is explained by that cause, which says what to fix.
     """
     if isinstance(e, VaeopsError):
         return str(e), e.exit_code
     names = {c.__name__ for c in type(e).__mro__}
     module = type(e).__module__
     first = _first_line(e)
+    chain = _causes(e)
     if isinstance(e, MemoryError) or "OutOfMemoryError" in names or "can't allocate memory" in first:
         return f"out of memory ({first}); lower train.batch_size, evaluate.iwae_batch or the model size", 1
+    if os_error := next((c for c in chain if isinstance(c, OSError) and c.errno), None):
+        return _explain_os_error(os_error), 1
+    if store := next((c for c in reversed(chain) if type(c).__module__.startswith("sqlite3")), None):
+        reason = _first_line(store)
+        hint, code = next((h for key, h in SQLITE_HINTS.items() if key in reason), ("", 1))
+        return f"MLflow store {_store_uri()}: {reason}" + (f"; {hint}" if hint else ""), code
     if "MlflowException" in names:
         return f"MLflow ({_store_uri()}): {_first_line(Exception(getattr(e, 'message', e)))}", 1
-    if module.startswith(("sqlalchemy", "sqlite3")):
-        orig = getattr(e, "orig", None) or e  # sqlalchemy wraps the driver's error
-        return f"MLflow store {_store_uri()}: {type(orig).__name__}: {_first_line(orig)}", 1
+    if module.startswith("sqlalchemy"):
+        return f"MLflow store {_store_uri()}: {type(e).__name__}: {first}", 1
     if module.startswith("onnxruntime"):
         return f"onnxruntime: {first}", 1
     if isinstance(e, OSError):
-        path = e.filename
-        if e.errno == errno.ENOSPC:
-            return f"no space left on the device holding {path or 'the output'}; free some and rerun", 1
-        if e.errno == errno.EROFS:
-            return f"cannot write {path} (read-only file system); write somewhere else", 1
-        if e.errno in (errno.EACCES, errno.EPERM):
-            return f"cannot write or read {path} (permission denied); check its owner and mode", 1
-        if e.errno == errno.ENOENT:
-            return f"no such file or folder: {path}", 1
-        return (f"{path}: {e.strerror}" if path and e.strerror else f"{type(e).__name__}: {first}"), 1
+        return _explain_os_error(e), 1
     if module.startswith("yaml"):
         return f"not valid YAML: {first}", 2
     if isinstance(e, UnicodeDecodeError):
@@ -264,31 +310,69 @@ def _explain(e: Exception) -> tuple[str, int]:
     return f"unexpected {type(e).__name__}: {first} (rerun with VAEOPS_DEBUG=1 for the traceback)", 1
 
 
+def _explain_click(e: Exception) -> tuple[str, int]:
+    """typer's own errors (a bad option, an unknown command) as one line, instead of its boxed usage."""
+    ctx = getattr(e, "ctx", None)
+    command = ctx.command_path if ctx is not None else "vaeops"
+    return f"{e.format_message()} (see `{command} --help`)", e.exit_code
+
+
+_quieted = False  # main() may run more than once in a process (tests)
+
+
+def _quiet_library_errors() -> None:
+    """Libraries log some errors, traceback included, just before they raise them (MLflow's SQL store
+    logs the SQL too); the boundary reports the raised error in one line, which their records would
+    bury. Other records keep their message but lose the traceback. VAEOPS_DEBUG=1 keeps everything."""
+    global _quieted
+    if _quieted:
+        return
+    _quieted = True
+    logging.getLogger("mlflow.store.db.utils").addFilter(lambda r: r.levelno < logging.ERROR or _debug())
+    make_record = logging.getLogRecordFactory()
+
+    def record(*args: object, **kwargs: object) -> logging.LogRecord:
+        rec = make_record(*args, **kwargs)
+        if not _debug():
+            rec.exc_info, rec.exc_text = None, None
+        return rec
+
+    logging.setLogRecordFactory(record)
+
+
+def _interrupted(code: int = 130) -> None:
+    print("error: interrupted", file=sys.stderr)
+    sys.exit(code)
+
+
 def main() -> None:
     """The one error boundary: every failure ends as one `error:` line and an exit code
     (VAEOPS_DEBUG=1 or --debug: the traceback instead)."""
+    _quiet_library_errors()
     try:
-        app()
-    except SystemExit as e:
-        # typer turns a Ctrl-C that no command handled into a silent exit 130 raised from it.
-        interrupt = getattr(e.__context__, "__cause__", None)
-        if e.code == 130 and isinstance(interrupt, KeyboardInterrupt):
-            if _debug():
-                traceback.print_exception(interrupt)
-            print("error: interrupted", file=sys.stderr)
-        raise
+        # Not standalone: typer would print its own usage errors as a box of several lines.
+        code = app(standalone_mode=False)
     except KeyboardInterrupt as e:  # outside typer's reach, e.g. while it starts
         if _debug():
             traceback.print_exception(e)
-        print("error: interrupted", file=sys.stderr)
-        sys.exit(130)
+        _interrupted()
     except Exception as e:
-        message, code = _explain(e)
+        names = {c.__name__ for c in type(e).__mro__}
+        if "NoArgsIsHelpError" in names:  # `vaeops` alone: typer has printed the help
+            sys.exit(2)
+        if "Abort" in names:  # typer's answer to end of input at a prompt
+            _interrupted(1)
+        message, code = _explain_click(e) if "ClickException" in names else _explain(e)
         if _debug():
             traceback.print_exception(e)
         else:
             print(f"error: {message}", file=sys.stderr)
         sys.exit(code)
+    # typer returns 130 for a Ctrl-C that no command handled (train handles its own and exits
+    # with sys.exit), and 0 or None when the command returned.
+    if code == 130:
+        _interrupted()
+    sys.exit(code)
 
 
 if __name__ == "__main__":  # `python -m vaeops.cli`, as torchrun's workers start it

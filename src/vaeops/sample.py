@@ -4,6 +4,7 @@ Only onnxruntime, numpy and Pillow (through figures.save_png) are imported here,
 or onnx: this is the path a deployment uses, and it must start fast.
 """
 
+import errno
 import math
 import sys
 from pathlib import Path
@@ -65,7 +66,9 @@ def load_latents(path: Path, latent_dim: int) -> np.ndarray:
     try:
         z = np.load(path, mmap_mode="r", allow_pickle=False)
     except (ValueError, OSError, EOFError) as e:
-        raise UsageError(f"{path}: not a .npy array of latents ({str(e)[:200]})") from None
+        # numpy's message for a file without a .npy header suggests unpickling it: never do that.
+        reason = "no .npy header, or pickled objects" if "pickle" in str(e) else str(e).strip()[:200]
+        raise UsageError(f"{path}: not a .npy array of latents ({reason})") from None
     if not isinstance(z, np.ndarray) or z.dtype.kind not in "iuf":
         raise UsageError(f"{path}: expected a numeric N × {latent_dim} .npy array")
     if z.ndim == 1:
@@ -189,6 +192,10 @@ def run(
     except MemoryError:
         raise WorkError(f"out of memory decoding {len(z)} images; decode fewer per run") from None
     except OSError as e:
+        if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):  # the place is right, it is full
+            raise WorkError(
+                f"-o {out}: cannot write ({e.strerror or e}); free some space and rerun"
+            ) from None
         raise UsageError(f"-o {out}: cannot write ({e.strerror or e})") from None
     print(f"wrote {out} ({len(images)} images of {list(images.shape[1:])})", file=sys.stderr)
     return images

@@ -4,7 +4,10 @@ import errno
 import ipaddress
 import os
 import socket
+import sqlite3
 import sys
+from contextlib import closing
+from pathlib import Path
 
 from vaeops.errors import UsageError, WorkError
 from vaeops.tracking import ARTIFACTS, project_root, tracking_uri
@@ -60,9 +63,37 @@ def check_address(port: int, host: str) -> str:
     return address[0]
 
 
+def check_store(uri: str) -> None:
+    """Check the store as far as can be done without MLflow: the server opens it only once it has
+    started, and then prints tracebacks, or retries for minutes when it cannot open the file."""
+    if uri.startswith(("http://", "https://")):
+        raise UsageError(
+            f"MLFLOW_TRACKING_URI = {uri} is a tracking server, which serves its own UI: open it in a "
+            "browser, or unset MLFLOW_TRACKING_URI to serve the project's store"
+        )
+    if not uri.startswith("sqlite:///"):
+        return
+    path = Path(uri.removeprefix("sqlite:///").split("?")[0])
+    if not path.exists():
+        if not path.parent.is_dir():
+            raise UsageError(f"{path}: the MLflow store's folder does not exist")
+        return  # the server creates a new store
+    if not path.is_file():
+        raise UsageError(f"{path}: the MLflow store is not a file; move it away to start a new store")
+    try:
+        with closing(sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True)) as db:
+            db.execute("SELECT count(*) FROM sqlite_master").fetchone()
+    except sqlite3.Error as e:
+        raise UsageError(
+            f"{path}: the MLflow store cannot be read ({e}); restore it from a backup, or move it away "
+            "to start a new store"
+        ) from None
+
+
 def serve(port: int, host: str) -> None:
     """Replace this process with the MLflow server, so its pid is the server's (Ctrl-C or kill stops it)."""
     address = check_address(port, host)
+    check_store(tracking_uri())
     if not ipaddress.ip_address(address.split("%")[0]).is_loopback:
         print(
             f"warning: the MLflow UI has no authentication: anyone who can reach port {port} on {host} "

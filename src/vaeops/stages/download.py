@@ -23,7 +23,7 @@ from typing import Any
 
 from vaeops.config import DataParams
 from vaeops.datasets import DatasetSpec, get_spec, payload, sha256_file
-from vaeops.errors import WorkError
+from vaeops.errors import UsageError, WorkError
 from vaeops.io import write_bytes
 from vaeops.progress import download_bar, log
 
@@ -173,6 +173,9 @@ def _reason(e: BaseException) -> str:
 def run(params: DataParams, out_dir: Path) -> dict[str, str]:
     """Ensure every file of the dataset is in `out_dir` and verified; return file -> source used."""
     spec = get_spec(params.dataset)
+    blocked = next((p for p in [out_dir, *out_dir.parents] if p.exists() and not p.is_dir()), None)
+    if blocked is not None:
+        raise UsageError(f"{blocked}: is a file; download writes the dataset's files into a folder {out_dir}")
     out_dir.mkdir(parents=True, exist_ok=True)
     used: dict[str, str] = {}
     for name, digest in spec.sha256.items():

@@ -372,7 +372,7 @@ def main() -> None:
     # with sys.exit), and 0 or None when the command returned.
     if code == 130:
         _interrupted()
-    sys.exit(code)
+    sys.exit(code or 0)
 
 
 if __name__ == "__main__":  # `python -m vaeops.cli`, as torchrun's workers start it

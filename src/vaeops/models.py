@@ -158,8 +158,12 @@ def checkpoint(model: VAE, config: dict[str, Any], **extra: Any) -> dict[str, An
 def save_checkpoint(path: Path | str, state: dict[str, Any]) -> None:
     from vaeops.io import atomic_path
 
+    # Serialised in memory first: torch.save straight to a full disk fails with an opaque C++ error,
+    # while a plain write says "no space left on device".
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
     with atomic_path(path) as tmp:
-        torch.save(state, tmp)
+        tmp.write_bytes(buffer.getbuffer())
 
 
 def load_checkpoint(path: Path | str) -> dict[str, Any]:
@@ -173,7 +177,13 @@ def read_checkpoint(path: Path | str) -> tuple[dict[str, Any], str]:
     if not path.is_file():
         raise UsageError(f"{path}: checkpoint not found; run `dvc repro train` first")
     data = path.read_bytes()
-    return load_checkpoint_bytes(data, path), hashlib.sha256(data).hexdigest()
+    state = load_checkpoint_bytes(data, path)
+    if not isinstance(state, dict) or not {"model", "config"} <= state.keys():
+        raise UsageError(
+            f"{path}: not a vaeops checkpoint (expected a dict with 'model' and 'config'); "
+            "retrain with `dvc repro train`"
+        )
+    return state, hashlib.sha256(data).hexdigest()
 
 
 def load_checkpoint_bytes(data: bytes, name: Path | str = "checkpoint") -> dict[str, Any]:

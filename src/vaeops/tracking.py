@@ -105,8 +105,33 @@ def connect() -> str:
     uri = tracking_uri()
     if uri.startswith(("http://", "https://")):
         check_server(uri)
+    check_sqlite_store(uri)
     mlflow.set_tracking_uri(uri)
     return uri
+
+
+def check_sqlite_store(uri: str) -> None:
+    """An SQLite store MLflow cannot open fails here in one line: MLflow itself retries for minutes."""
+    import sqlite3
+    from contextlib import closing
+
+    if not uri.startswith("sqlite:///"):
+        return
+    path = Path(uri.removeprefix("sqlite:///").split("?")[0])
+    if not path.exists():
+        if not path.parent.is_dir():
+            raise UsageError(f"{path}: the MLflow store's folder does not exist")
+        return  # MLflow creates a new store
+    if not path.is_file():
+        raise UsageError(f"{path}: the MLflow store is not a file; move it away to start a new store")
+    try:
+        with closing(sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True)) as db:
+            db.execute("SELECT count(*) FROM sqlite_master").fetchone()
+    except sqlite3.Error as e:
+        raise UsageError(
+            f"{path}: the MLflow store cannot be read ({e}); restore it from a backup, or move it away "
+            "to start a new store"
+        ) from None
 
 
 def setup(experiment: str) -> str:

@@ -4,10 +4,7 @@ import errno
 import ipaddress
 import os
 import socket
-import sqlite3
 import sys
-from contextlib import closing
-from pathlib import Path
 
 from vaeops.errors import UsageError, WorkError
 from vaeops.tracking import ARTIFACTS, project_root, tracking_uri
@@ -71,23 +68,9 @@ def check_store(uri: str) -> None:
             f"MLFLOW_TRACKING_URI = {uri} is a tracking server, which serves its own UI: open it in a "
             "browser, or unset MLFLOW_TRACKING_URI to serve the project's store"
         )
-    if not uri.startswith("sqlite:///"):
-        return
-    path = Path(uri.removeprefix("sqlite:///").split("?")[0])
-    if not path.exists():
-        if not path.parent.is_dir():
-            raise UsageError(f"{path}: the MLflow store's folder does not exist")
-        return  # the server creates a new store
-    if not path.is_file():
-        raise UsageError(f"{path}: the MLflow store is not a file; move it away to start a new store")
-    try:
-        with closing(sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True)) as db:
-            db.execute("SELECT count(*) FROM sqlite_master").fetchone()
-    except sqlite3.Error as e:
-        raise UsageError(
-            f"{path}: the MLflow store cannot be read ({e}); restore it from a backup, or move it away "
-            "to start a new store"
-        ) from None
+    from vaeops.tracking import check_sqlite_store
+
+    check_sqlite_store(uri)
 
 
 def serve(port: int, host: str) -> None:

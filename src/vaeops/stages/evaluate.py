@@ -334,11 +334,18 @@ def run(
     if len(images) < 2:
         raise UsageError(f"{data_dir / 'test.npz'}: {len(images)} test images; evaluate needs at least 2")
     device = resolve_device(params.device, "evaluate.device")
+    try:
+        model = model_from_checkpoint(state)
+    except (KeyError, TypeError, ValueError, RuntimeError) as e:
+        raise UsageError(
+            f"{model_path}: does not match its own config ({str(e).strip().splitlines()[0][:200]}); "
+            "retrain with `dvc repro train`"
+        ) from None
     tracking.require_run(run_id)  # fail now, not after minutes of IWAE
 
     with tracking.recording(run_id, "evaluate") as client:
-        # channels_last: ~20% less time in the conv decoder's transposed convs on CPU, same numbers.
-        model = model_from_checkpoint(state).to(device, memory_format=torch.channels_last)
+        # channels_last: less time in the conv decoder's transposed convs on CPU, same numbers.
+        model = model.to(device, memory_format=torch.channels_last)
         test, by_class, pics, timings = score(model, images, labels, classes, cfg, params, device)
         # The reports change as one set: written to temp files and a temp folder first, renamed into
         # place only after MLflow has the same numbers, so a failure half-way (disk full, a store that

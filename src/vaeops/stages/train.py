@@ -262,14 +262,7 @@ def _start_run(params: TrainParams, state: dict[str, Any] | None, tags: dict[str
     if state is None:
         name = tracking.run_name(params.arch, params.latent_dim, tags["dataset"], params.epochs)
         return mlflow.start_run(experiment_id=experiment_id, run_name=name, tags=tracking.run_tags(tags))
-    try:
-        mlflow.get_run(state["run_id"])
-    except Exception:
-        raise UsageError(
-            f"MLflow run {state['run_id']} from the checkpoint is not in the store "
-            f"{tracking.tracking_uri()}; set MLFLOW_TRACKING_URI to the store that recorded it, "
-            "or train.resume = false"
-        ) from None
+    tracking.require_run(state["run_id"])  # in this store, not deleted (else one line: how to restore)
     return mlflow.start_run(run_id=state["run_id"])
 
 

@@ -636,7 +636,7 @@ ROWS = [
                 "not a vaeops checkpoint",
                 "",
             ),
-            ("evaluate", "no-config", checkpoint(without("config")), {}, "missing arch", ""),
+            ("evaluate", "no-config", checkpoint(without("config")), {}, "not a vaeops checkpoint", ""),
             ("evaluate", "no-run-id", checkpoint(without("run_id")), {}, "names no MLflow run", ""),
             (
                 "evaluate",

@@ -202,7 +202,13 @@ def test_deleted_experiment_or_run_is_one_line_with_a_restore_command_that_works
         "train:\n  epochs: 1\n  batch_size: 32\n  hidden_dim: 16\n  latent_dim: 2\n"
         "evaluate:\n  iwae_samples: 2\n  iwae_images: 8\n"
     )
-    env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "VAEOPS_PROJECT_ROOT")}
+    # run_cli starts from os.environ: name this project's embedded store outright, whatever an earlier
+    # test's fixture left there.
+    env = {
+        **os.environ,
+        "MLFLOW_TRACKING_URI": "",
+        "VAEOPS_PROJECT_ROOT": str(tmp_path),
+    }
     assert run_cli("train", cwd=tmp_path, env=env).returncode == 0
     run_id = json.loads((tmp_path / "models/run.json").read_text())["run_id"]
     client = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'mlruns.db'}")

@@ -95,8 +95,9 @@ def test_ui_shows_the_run_by_name_with_its_curves_first(ui_server):
         # Each header reads "<section> (<number of charts>)".
         sections = [re.sub(r"\s*\(\d+\).*", "", h.inner_text(), flags=re.S).strip() for h in headers.all()]
         assert sections == ["train", "val", "Model metrics"], sections
-        # lr, images_per_s, one ONNX parity number and seven test numbers; charts render once in view.
-        expect(headers.last).to_contain_text("(10)")
+        # lr, images_per_s, train.seconds, one ONNX parity number and seven test numbers; charts render
+        # once in view.
+        expect(headers.last).to_contain_text("(11)")
         headers.last.scroll_into_view_if_needed()
         for metric in ("onnx.parity_max_abs_diff", "test.elbo"):
             expect(page.get_by_text(metric, exact=True).first).to_be_attached()

@@ -11,23 +11,14 @@ from conftest import ROOT
 from test_pipeline import copy_project, dvc
 
 from vaeops import plots
+from vaeops.stages.train import CURVE_COLUMNS
 
 CHROMIUM = Path("/usr/bin/chromium")
 needs_chromium = pytest.mark.skipif(
     not CHROMIUM.exists(), reason="Debian's chromium is not installed (make system-deps)"
 )
 SCREENSHOTS = ROOT / "reports" / "screenshots"
-COLUMNS = [
-    "epoch",
-    "train_elbo",
-    "train_recon",
-    "train_kl",
-    "val_elbo",
-    "val_recon",
-    "val_kl",
-    "lr",
-    "images_per_s",
-]
+COLUMNS = CURVE_COLUMNS  # what train writes to reports/train_curve.csv
 
 # Per chart: its title, how many lines it has drawn (vega's line marks), how wide the narrowest is
 # (in pixels) next to the plot area's width, and the legend's labels.

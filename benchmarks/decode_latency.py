@@ -1,8 +1,7 @@
 """Decoder latency: onnxruntime vs PyTorch, same model, same machine, one run.
 
-For each arch (default-size models from params.yaml's defaults: latent 20, hidden 400, 1×28×28, or
-the trained checkpoint with --checkpoint) the decoder z → image (sigmoid included) is timed at batch 1
-and 256 as
+For each arch (models with the train params' defaults, 1×28×28, or the trained checkpoint with
+--checkpoint) the decoder z → image (the likelihood's mean included) is timed at batch 1 and 256 as
   torch eager            model.decode(z), autograd on, as a naive caller would
   torch inference_mode   the same under torch.inference_mode()
   onnxruntime            CPUExecutionProvider, the session options `vaeops sample` uses (ORT's
@@ -12,7 +11,8 @@ Both runtimes get the same number of intra-op threads (torch's default, or --thr
 Rounds interleave the contenders so load from other processes hits all of them alike; p50/p95 are
 over every timed call. Ratio = p50 / torch eager's p50 (target for onnxruntime at batch 1: ≤ 0.5).
 
-    .venv/bin/python benchmarks/decode_latency.py [--checkpoint models/vae.pt] [--rounds 10] [--threads 1]
+    .venv/bin/python benchmarks/decode_latency.py [--checkpoint models/vae.pt] [--archs mlp,conv,resnet]
+                                                  [--rounds 10] [--threads 1]
 """
 
 import argparse
@@ -26,7 +26,9 @@ import onnx
 import onnxruntime as ort
 import torch
 
-from vaeops.models import VAE, build_model, load_checkpoint, model_from_checkpoint
+from vaeops.config import TrainParams
+from vaeops.model.checkpoint import load_checkpoint, model_from_checkpoint
+from vaeops.model.vae import VAE, build_model, model_config
 from vaeops.sample import session_options
 from vaeops.stages import export
 
@@ -74,6 +76,7 @@ def bench(
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--checkpoint", type=Path, help="a trained models/vae.pt (default: both archs, random)")
+    ap.add_argument("--archs", default="mlp,conv", help="comma-separated archs (without --checkpoint)")
     ap.add_argument("--rounds", type=int, default=10)
     ap.add_argument("--calls", type=int, default=50, help="calls per round at batch 1 (÷ 10 at batch 256)")
     ap.add_argument("--threads", type=int, default=0, help="intra-op threads for both (0: torch's default)")
@@ -86,7 +89,10 @@ def main() -> None:
         models = {"checkpoint": model_from_checkpoint(load_checkpoint(args.checkpoint))}
     else:
         torch.manual_seed(0)
-        models = {arch: build_model(arch, (1, 28, 28), 20, 400).eval() for arch in ("mlp", "conv")}
+        configs = {
+            arch: model_config(TrainParams(arch=arch), (1, 28, 28), "mnist") for arch in args.archs.split(",")
+        }
+        models = {arch: build_model(config).eval() for arch, config in configs.items()}
 
     print(f"torch {torch.__version__}, onnxruntime {ort.__version__}, {threads} intra-op threads each")
     print(f"{'model':<10} {'batch':>5}  {'runtime':<22} {'p50 ms':>9} {'p95 ms':>9} {'p50 / eager':>11}")

@@ -18,6 +18,7 @@ import torch
 import yaml
 
 from vaeops.config import TrainParams, load_params
+from vaeops.model.vae import model_config
 from vaeops.stages.preprocess import load_split
 from vaeops.stages.train import load_data
 from vaeops.training.loop import evaluate, make_loop, scale, train_epoch
@@ -34,7 +35,8 @@ def test_nelbo(params: TrainParams, data: Path, overrides: dict, epochs: int) ->
         torch.set_num_threads(p.threads)
     train_u8, val_u8, _ = load_data(data)
     test_u8 = torch.from_numpy(load_split(data / "test.npz")[0])
-    loop = make_loop(p, train_u8, torch.device("cpu"))
+    config = model_config(p, tuple(train_u8.shape[1:]), "mnist")
+    loop = make_loop(p, config, train_u8, torch.device("cpu"))
     t0 = time.perf_counter()
     for epoch in range(1, epochs + 1):
         train_epoch(loop, epoch)
@@ -42,7 +44,8 @@ def test_nelbo(params: TrainParams, data: Path, overrides: dict, epochs: int) ->
     torch.manual_seed(12345)  # the same reparameterization noise for every evaluated model
     out = []
     for x in (test_u8, val_u8):
-        recon, kl = evaluate(loop.model, scale(x, False, None), nullcontext())
+        gen = torch.Generator().manual_seed(0)  # binarized once, the same for every model
+        recon, kl = evaluate(loop.model, scale(x, config["binarize"], gen), nullcontext())
         out.append(recon + kl)
     return out[0], out[1], seconds
 

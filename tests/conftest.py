@@ -82,48 +82,51 @@ def tree(folder: Path) -> dict[str, bytes]:
     return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
-def tiny_vae(
-    arch: str, image_shape: tuple[int, int, int], latent_dim: int, hidden_dim: int = 32, seed: int = 0
-):
+def tiny_config(arch: str, image_shape: tuple[int, int, int], latent_dim: int, **parts) -> dict:
+    """A model config as train writes it, small: hidden_dim 32, channels [4, 8]; `parts` override
+    any train param (likelihood="logistic", prior="vamp", prior_components=3, ...)."""
+    from vaeops.config import TrainParams
+    from vaeops.model.vae import model_config
+
+    params = TrainParams(arch=arch, latent_dim=latent_dim, hidden_dim=32, channels=[4, 8], **parts)
+    return model_config(params, image_shape, "mnist")
+
+
+def tiny_vae(arch: str, image_shape: tuple[int, int, int], latent_dim: int, seed: int = 0, **parts):
     """A small eval-mode VAE whose BatchNorm layers hold non-trivial affine params and running stats."""
     import torch
 
-    from vaeops.models import build_model
+    from vaeops.model.vae import build_model
 
     torch.manual_seed(seed)
-    model = build_model(arch, image_shape, latent_dim, hidden_dim)
+    model = build_model(tiny_config(arch, image_shape, latent_dim, **parts))
     for m in model.modules():
-        if isinstance(m, torch.nn.BatchNorm1d):
+        if isinstance(m, torch.nn.BatchNorm1d | torch.nn.BatchNorm2d):
             torch.nn.init.uniform_(m.weight, 0.5, 1.5)
             torch.nn.init.uniform_(m.bias, -0.2, 0.2)
     model.train()
     with torch.no_grad():
         for _ in range(3):  # training-mode passes move the BatchNorm running mean/var off 0/1
-            model(torch.rand(16, *image_shape))
+            model(torch.rand(16, *image_shape), torch.randn(1, 16, latent_dim))
     return model.eval()
 
 
-def tiny_checkpoint(folder: Path, arch: str, image_shape: tuple[int, int, int], latent_dim: int) -> str:
+def tiny_checkpoint(
+    folder: Path, arch: str, image_shape: tuple[int, int, int], latent_dim: int, **parts
+) -> str:
     """models/vae.pt + models/run.json under folder, as train writes them, in the MLflow store that
     tracking.setup() picks for the current environment; returns the run id."""
     import mlflow
 
-    from vaeops import models, tracking
+    from vaeops import tracking
+    from vaeops.model.checkpoint import checkpoint, save_checkpoint
 
-    model = tiny_vae(arch, image_shape, latent_dim)
+    model = tiny_vae(arch, image_shape, latent_dim, **parts)
     experiment_id = tracking.setup("vaeops")
     with mlflow.start_run(experiment_id=experiment_id) as run:
         run_id = run.info.run_id
     tracking.write_run_file(folder / "models/run.json", run_id, experiment_id)
-    config = {
-        "arch": arch,
-        "latent_dim": latent_dim,
-        "hidden_dim": 32,
-        "image_shape": list(image_shape),
-        "dataset": "mnist",
-        "binarize": False,
-    }
-    models.save_checkpoint(folder / "models/vae.pt", models.checkpoint(model, config, run_id=run_id, epoch=1))
+    save_checkpoint(folder / "models/vae.pt", checkpoint(model, model.config, run_id=run_id, epoch=1))
     return run_id
 
 

@@ -34,11 +34,11 @@ def test_environment_overrides_params_file(tmp_path, monkeypatch):
     "yaml_text, message",
     [
         ("train:\n  latent_dim: 0\n", "train.latent_dim = 0: Input should be greater than or equal to 1"),
-        ("data:\n  dataset: cifar\n", "data.dataset = 'cifar' is not allowed; expected 'mnist' or 'fash"),
+        ("data:\n  dataset: cifar\n", "data.dataset = 'cifar' is not allowed; expected 'mnist', 'fash"),
         ("preprocess:\n  val_size: -1\n", "preprocess.val_size = -1: Input should be greater than or equal"),
         ("train:\n  latnt_dim: 3\n", "unknown key 'train.latnt_dim'"),
         ("optimizer: adam\n", "unknown key 'optimizer'"),
-        ("train:\n  arch: resnet\n", "train.arch = 'resnet' is not allowed; expected 'mlp' or 'conv'"),
+        ("train:\n  arch: vit\n", "train.arch = 'vit' is not allowed; expected 'mlp', 'conv' or 'resnet'"),
         ("train: [1, 2]\n", "train = [1, 2] is not a mapping; list its keys indented under 'train:'"),
         ("train:\n  lr: .nan\n", "train.lr = nan: Input should be a finite number"),
         (

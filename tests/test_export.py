@@ -17,24 +17,39 @@ import pytest
 import torch
 import yaml
 from conftest import ROOT, SHARED, isolate_mlflow, run_cli, tiny_checkpoint, tiny_vae, tree
+from PIL import Image
 
 from vaeops import cli, tracking
 from vaeops.config import ExportParams, load_params
 from vaeops.errors import UsageError, WorkError
-from vaeops.models import load_checkpoint, model_from_checkpoint, save_checkpoint
+from vaeops.model.checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
+from vaeops.model.vae import VAE
 from vaeops.stages import export
 
-# conv gets an odd image size so both ConvTranspose layers need output_padding; mlp a 32-wide latent
-# (what `dvc exp run -S train.latent_dim=32` would feed the export).
-SHAPES = {"mlp": ((1, 28, 28), 32), "conv": ((1, 13, 15), 5)}
+# One export per combination of parts. conv gets an odd image size so both ConvTranspose layers need
+# output_padding; mlp a 32-wide latent (what `dvc exp run -S train.latent_dim=32` would feed the export);
+# RGB models with the discretized logistic (a mixture of 2 in "vamp"); a VampPrior of 3 components.
+CASES = {
+    "mlp": ("mlp", (1, 28, 28), 32, {}),
+    "conv-cb": ("conv", (1, 13, 15), 5, {"likelihood": "continuous_bernoulli"}),
+    "resnet-logistic": ("resnet", (3, 16, 16), 4, {"likelihood": "logistic"}),
+    "vamp": (
+        "conv",
+        (3, 12, 12),
+        3,
+        {"likelihood": "logistic", "logistic_components": 2, "prior": "vamp", "prior_components": 3},
+    ),
+}
 
 
 @dataclass
 class Exported:
     folder: Path
+    case: str
     arch: str
     image_shape: tuple[int, int, int]
     latent_dim: int
+    parts: dict
     run_id: str
     uri: str
     result: dict
@@ -48,36 +63,60 @@ def outputs(folder: Path) -> list[Path]:
     ]
 
 
-@pytest.fixture(scope="module", params=sorted(SHAPES))
+def session(path: Path) -> ort.InferenceSession:
+    return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+
+
+@pytest.fixture(scope="module", params=sorted(CASES))
 def exported(request, tmp_path_factory):
-    """One real export per arch, shared by the tests below (an export costs a few seconds)."""
-    arch = request.param
-    image_shape, latent_dim = SHAPES[arch]
-    folder = tmp_path_factory.mktemp(f"export-{arch}")
+    """One real export per case, shared by the tests below (an export costs a few seconds)."""
+    arch, image_shape, latent_dim, parts = CASES[request.param]
+    folder = tmp_path_factory.mktemp(f"export-{request.param}")
     with pytest.MonkeyPatch.context() as mp:
         isolate_mlflow(mp, folder)
-        run_id = tiny_checkpoint(folder, arch, image_shape, latent_dim)
-        mp.setenv("DVC_EXP_NAME", f"exp-{arch}")
+        run_id = tiny_checkpoint(folder, arch, image_shape, latent_dim, **parts)
+        mp.setenv("DVC_EXP_NAME", f"exp-{request.param}")
         if arch == "mlp":  # as if evaluate had run: the registered version then carries the test ELBO
             mlflow.MlflowClient().log_metric(run_id, "test.elbo", -101.25)
         result = export.run(ExportParams(), Path("models/vae.pt"), Path("models/run.json"), *outputs(folder))
-        yield Exported(folder, arch, image_shape, latent_dim, run_id, tracking.tracking_uri(), result)
+        yield Exported(
+            folder,
+            request.param,
+            arch,
+            image_shape,
+            latent_dim,
+            parts,
+            run_id,
+            tracking.tracking_uri(),
+            result,
+        )
 
 
-def reference_model(ex: Exported) -> torch.nn.Module:
+def reference_model(ex: Exported) -> VAE:
     return model_from_checkpoint(load_checkpoint(ex.folder / "models/vae.pt"))
+
+
+def mixture_sample(model: VAE, eps: np.ndarray, u: np.ndarray) -> np.ndarray:
+    """z from the model's own prior in PyTorch, given the noise: component k = floor(u·K), then
+    mu_k + eps·std_k, as priors.VampPrior.sample draws it."""
+    with torch.inference_mode():
+        mu, logvar = model.prior.components(model.encode)
+        k = torch.from_numpy(np.minimum(np.floor(u * len(mu)), len(mu) - 1).astype(np.int64))
+        return (mu[k] + torch.from_numpy(eps) * torch.exp(0.5 * logvar[k])).numpy()
 
 
 def test_parity_report_within_1e5(exported):
     report = json.loads((exported.folder / "reports/onnx_parity.json").read_text())
     assert (report["atol"], report["rtol"]) == (1e-5, 1e-5)
     full = exported.result
-    assert set(full["decoder"]["cases"]) == {"batch_1", "batch_512", "extreme_z"}
+    assert set(full["decoder"]["cases"]) == {"batch_1", "batch_512", "extreme_z", "prior_z"}
     assert set(full["encoder"]["cases"]) == {"batch_1", "batch_512"}
-    for name in ("decoder", "encoder"):
+    assert set(full["prior"]["cases"]) == {"batch_1", "batch_512", "edge_u"}
+    for name in ("decoder", "encoder", "prior"):
         assert report[name] == {k: full[name][k] for k in ("max_abs_diff", "max_rel_diff", "tolerance_ratio")}
         assert report[name]["max_abs_diff"] <= 1e-5
         assert report[name]["tolerance_ratio"] <= 1
+    for name in ("decoder", "encoder"):
         # The checks compared real numbers, not two copies of the same array.
         assert report[name]["max_abs_diff"] > 0 or exported.arch == "mlp"
 
@@ -86,22 +125,26 @@ def test_dynamic_batch_and_exact_shapes(exported):
     model = reference_model(exported)
     c, h, w = exported.image_shape
     d = exported.latent_dim
-    dec = ort.InferenceSession(
-        str(exported.folder / "models/decoder.onnx"), providers=["CPUExecutionProvider"]
-    )
-    enc = ort.InferenceSession(
-        str(exported.folder / "models/encoder.onnx"), providers=["CPUExecutionProvider"]
-    )
+    dec = session(exported.folder / "models/decoder.onnx")
+    enc = session(exported.folder / "models/encoder.onnx")
+    prior = session(exported.folder / "models/prior.onnx")
     assert [(i.name, i.shape) for i in dec.get_inputs()] == [("z", ["batch", d])]
     assert [(o.name, o.shape) for o in dec.get_outputs()] == [("image", ["batch", c, h, w])]
     assert [(i.name, i.shape) for i in enc.get_inputs()] == [("image", ["batch", c, h, w])]
     assert [(o.name, o.shape) for o in enc.get_outputs()] == [("mu", ["batch", d]), ("logvar", ["batch", d])]
+    assert [(i.name, i.shape) for i in prior.get_inputs()] == [("eps", ["batch", d]), ("u", ["batch"])]
+    assert [(o.name, o.shape) for o in prior.get_outputs()] == [("z", ["batch", d])]
 
     rng = np.random.default_rng(1)
     for n in (1, 3, 257):
-        z = rng.standard_normal((n, d), dtype=np.float32)
+        eps, u = rng.standard_normal((n, d), dtype=np.float32), rng.random(n, dtype=np.float32)
+        (z,) = prior.run(None, {"eps": eps, "u": u})
+        np.testing.assert_allclose(z, mixture_sample(model, eps, u), atol=1e-5, rtol=1e-5)
         (images,) = dec.run(None, {"z": z})
         assert images.shape == (n, c, h, w)
+        # Each image is decoded the same alone as in a batch: no batch statistics in the graph.
+        np.testing.assert_allclose(dec.run(None, {"z": z[-1:]})[0], images[-1:], atol=1e-6)
+        assert images.min() >= 0 and images.max() <= 1
         with torch.inference_mode():
             np.testing.assert_allclose(
                 images, model.decode(torch.from_numpy(z)).numpy(), atol=1e-5, rtol=1e-5
@@ -114,30 +157,97 @@ def test_dynamic_batch_and_exact_shapes(exported):
         np.testing.assert_allclose(logvar, ref_logvar.numpy(), atol=1e-5, rtol=1e-5)
 
 
+def test_prior_graph_holds_the_models_mixture(exported):
+    """With eps = 0 the prior graph returns its components' means, with eps = 1 mean + std: for the
+    VampPrior those are the encoder's outputs on the pseudo-inputs, not N(0, I)'s origin."""
+    model = reference_model(exported)
+    with torch.inference_mode():
+        mu, logvar = (t.numpy() for t in model.prior.components(model.encode))
+    k, d = mu.shape
+    assert k == exported.parts.get("prior_components", 1)
+    prior = session(exported.folder / "models/prior.onnx")
+    u = ((np.arange(k) + 0.5) / k).astype(np.float32)  # the middle of each component's share of [0, 1)
+    (at_means,) = prior.run(None, {"eps": np.zeros((k, d), np.float32), "u": u})
+    np.testing.assert_allclose(at_means, mu, atol=1e-6)
+    (one_std,) = prior.run(None, {"eps": np.ones((k, d), np.float32), "u": u})
+    np.testing.assert_allclose(one_std - at_means, np.exp(0.5 * logvar), rtol=1e-5)
+    if exported.parts.get("prior") == "vamp":
+        assert len(np.unique(at_means, axis=0)) == k  # every component reachable, each its own
+        assert np.abs(at_means).max() > 1e-3 and not np.allclose(np.exp(0.5 * logvar), 1, atol=1e-3)
+    else:
+        np.testing.assert_array_equal(at_means, 0)
+        np.testing.assert_array_equal(one_std, 1)
+
+
+def test_vaeops_sample_draws_from_the_exported_prior(exported, tmp_path):
+    """The real CLI, torch-free: its images are the decode of seeded draws from the model's own prior."""
+    model = reference_model(exported)
+    decoder = str(exported.folder / "models/decoder.onnx")
+    res = run_cli("sample", "--model", decoder, "-n", "12", "--seed", "5", "--format", "npy", cwd=tmp_path)
+    assert res.returncode == 0, res.stderr
+    images = np.load(tmp_path / "samples.npy")
+    assert images.shape == (12, *exported.image_shape)
+
+    rng = np.random.default_rng(5)  # the sampler's draws: eps, then u
+    eps = rng.standard_normal((12, exported.latent_dim), dtype=np.float32)
+    u = rng.random(12, dtype=np.float32)
+    z = mixture_sample(model, eps, u)
+    with torch.inference_mode():
+        expected = model.decode(torch.from_numpy(z)).numpy()
+        from_normal = model.decode(torch.from_numpy(eps)).numpy()
+    np.testing.assert_allclose(images, expected, atol=1e-5, rtol=1e-5)
+    # N(0, I) latents give other images, unless N(0, I) is the prior.
+    assert np.allclose(images, from_normal, atol=1e-5) == (exported.parts.get("prior") != "vamp")
+
+    res = run_cli(
+        "sample", "--model", decoder, "-n", "4", "--seed", "5", "--nrow", "4", "-o", "s.png", cwd=tmp_path
+    )
+    assert res.returncode == 0, res.stderr
+    grid = np.asarray(Image.open(tmp_path / "s.png"))
+    c, h, w = exported.image_shape
+    first = grid[2 : 2 + h, 2 : 2 + w]  # the first image, inside the 2-pixel border
+    pixels = (np.clip(images[0], 0, 1) * 255 + 0.5).astype(np.uint8).transpose(1, 2, 0)
+    np.testing.assert_array_equal(first, np.broadcast_to(pixels, (h, w, 3)))  # RGB kept, grey repeated
+
+
 def test_graph_is_clean_and_checked(exported):
+    for name in ("decoder", "encoder", "prior"):
+        proto = onnx.load(exported.folder / f"models/{name}.onnx")
+        onnx.checker.check_model(proto, full_check=True)
+        assert proto.opset_import[0].version == 18
     proto = onnx.load(exported.folder / "models/decoder.onnx")
-    onnx.checker.check_model(proto, full_check=True)
-    assert proto.opset_import[0].version == 18
     ops = {n.op_type for n in proto.graph.node}
-    # eval-mode BatchNorm is folded away: no batch statistics can sneak into the deployed graph.
-    assert "BatchNormalization" not in ops
-    assert ("ConvTranspose" in ops) == (exported.arch == "conv")
+    # No batch statistics can sneak into the deployed graph: BatchNorm after a layer is folded into it,
+    # and a pre-activation one (resnet, after a residual add) stays in inference mode, running stats.
+    for node in proto.graph.node:
+        if node.op_type == "BatchNormalization":
+            attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+            assert attrs.get("training_mode", 0) == 0 and len(node.output) == 1
+    assert ("BatchNormalization" in ops) == (exported.arch == "resnet")
+    assert ("ConvTranspose" in ops) == (exported.arch in ("conv", "resnet"))
 
 
 def test_metadata(exported):
-    for name, inputs, outs in (("decoder", ["z"], ["image"]), ("encoder", ["image"], ["mu", "logvar"])):
-        session = ort.InferenceSession(
-            str(exported.folder / f"models/{name}.onnx"), providers=["CPUExecutionProvider"]
-        )
-        meta = session.get_modelmeta().custom_metadata_map
+    config = load_checkpoint(exported.folder / "models/vae.pt")["config"]
+    for name, inputs, outs in (
+        ("decoder", ["z"], ["image"]),
+        ("encoder", ["image"], ["mu", "logvar"]),
+        ("prior", ["eps", "u"], ["z"]),
+    ):
+        meta_proto = session(exported.folder / f"models/{name}.onnx").get_modelmeta()
+        meta = meta_proto.custom_metadata_map
         assert int(meta["latent_dim"]) == exported.latent_dim
         assert json.loads(meta["image_shape"]) == list(exported.image_shape)
         assert meta["dataset"] == "mnist" and meta["arch"] == exported.arch
+        assert json.loads(meta["config"]) == config  # every part: enough to rebuild the model
+        assert meta["likelihood"] == config["likelihood"] and meta["prior"] == config["prior"]
         assert meta["mlflow_run_id"] == exported.run_id
         assert meta["git_commit"]
         assert json.loads(meta["input_names"]) == inputs and json.loads(meta["output_names"]) == outs
         assert meta["created_by"].startswith("vaeops ")
-        assert "[0, 1]" in session.get_modelmeta().description
+        assert ("[0, 1]" in meta_proto.description) == (name != "prior")
+    prior_meta = session(exported.folder / "models/prior.onnx").get_modelmeta().custom_metadata_map
+    assert int(prior_meta["prior_components"]) == exported.parts.get("prior_components", 1)
 
 
 def test_mlflow_run_and_registry(exported):
@@ -146,12 +256,12 @@ def test_mlflow_run_and_registry(exported):
     report = json.loads((exported.folder / "reports/onnx_parity.json").read_text())
     # One summary number; the per-case breakdown is the JSON artifact below.
     assert [k for k in run.data.metrics if k.startswith("onnx")] == ["onnx.parity_max_abs_diff"]
-    worst = max(report[name]["max_abs_diff"] for name in ("decoder", "encoder"))
+    worst = max(report[name]["max_abs_diff"] for name in ("decoder", "encoder", "prior"))
     assert run.data.metrics["onnx.parity_max_abs_diff"] == pytest.approx(worst)
     assert run.info.status == "FINISHED"  # logged by run id: training's status stays
     assert run.data.tags["vaeops.export"] == "done"
     note = run.data.tags["mlflow.note.content"]
-    assert "- logged models: decoder_onnx, encoder_onnx" in note
+    assert "- logged models: decoder_onnx, encoder_onnx, prior_onnx" in note
     assert "- registered: vaeops-decoder version 1" in note
 
     logged = client.download_artifacts(exported.run_id, "onnx/onnx_parity.json", str(exported.folder))
@@ -159,10 +269,11 @@ def test_mlflow_run_and_registry(exported):
         "batch_1",
         "batch_512",
         "extreme_z",
+        "prior_z",
     }
     experiment_id = client.get_run(exported.run_id).info.experiment_id
     models = client.search_logged_models(experiment_ids=[experiment_id])
-    assert sorted(m.name for m in models) == ["decoder_onnx", "encoder_onnx"]
+    assert sorted(m.name for m in models) == ["decoder_onnx", "encoder_onnx", "prior_onnx"]
     assert {m.source_run_id for m in models} == {exported.run_id}
 
     versions = client.search_model_versions("name = 'vaeops-decoder'")
@@ -174,10 +285,15 @@ def test_mlflow_run_and_registry(exported):
     }
     tags = versions[0].tags
     assert tags["dataset"] == "mnist" and tags["arch"] == exported.arch
+    assert tags["likelihood"] == exported.parts.get("likelihood", "bernoulli")
+    assert tags["prior"] == exported.parts.get("prior", "normal")
     assert tags["latent_dim"] == str(exported.latent_dim) and tags["git_commit"]
-    assert tags["dvc_experiment"] == f"exp-{exported.arch}"
+    assert tags["dvc_experiment"] == f"exp-{exported.case}"
     assert tags.get("test_elbo") == ("-101.25" if exported.arch == "mlp" else None)  # only once evaluated
     assert client.get_model_version_by_alias("vaeops-decoder", "latest-export").version == versions[0].version
+    # The version names the prior it samples with: the same graph as models/prior.onnx.
+    prior = mlflow.onnx.load_model(tags["prior_model_uri"])
+    assert prior.SerializeToString() == onnx.load(exported.folder / "models/prior.onnx").SerializeToString()
 
     # The registered model is the exported decoder: load it back through MLflow and decode.
     source = client.get_model_version_download_uri("vaeops-decoder", versions[0].version)
@@ -185,9 +301,7 @@ def test_mlflow_run_and_registry(exported):
     sig = loaded.metadata.signature
     assert sig.inputs.input_names() == ["z"] and sig.outputs.input_names() == ["image"]
     z = np.random.default_rng(2).standard_normal((4, exported.latent_dim), dtype=np.float32)
-    dec = ort.InferenceSession(
-        str(exported.folder / "models/decoder.onnx"), providers=["CPUExecutionProvider"]
-    )
+    dec = session(exported.folder / "models/decoder.onnx")
     np.testing.assert_array_equal(loaded.predict({"z": z})["image"], dec.run(None, {"z": z})[0])
     # ...and by its alias, the way a consumer asks for "the latest export".
     proto = mlflow.onnx.load_model("models:/vaeops-decoder@latest-export")
@@ -198,6 +312,9 @@ def test_opset_is_the_one_asked_for(tmp_path, monkeypatch):
     model = tiny_vae("conv", (1, 12, 12), 3)
     proto = export.to_onnx(export.Decoder(model), torch.randn(4, 3), "z", ["image"], 21)
     assert [(o.domain, o.version) for o in proto.opset_import if o.domain in ("", "ai.onnx")] == [("", 21)]
+    prior = export.prior_graph(*export.prior_components(model), 21)
+    assert [(o.domain, o.version) for o in prior.opset_import] == [("", 21)]
+    export.session_for(prior)  # onnxruntime takes it
     # Below 18 torch's down-conversion silently keeps 18, so params refuse it up front.
     shutil.copy(ROOT / "params.yaml", tmp_path / "params.yaml")
     monkeypatch.setenv("VAEOPS_EXPORT__OPSET", "13")
@@ -227,6 +344,7 @@ def test_parity_failure_exits_1_and_keeps_previous_models(project):
     # A previous export's files: after the failed run they must be byte-for-byte the same.
     (project / "models/decoder.onnx").write_bytes(b"previous decoder")
     (project / "models/encoder.onnx").write_bytes(b"previous encoder")
+    (project / "models/prior.onnx").write_bytes(b"previous prior")
     (project / "reports").mkdir()
     (project / "reports/onnx_parity.json").write_text("{}\n")
     before = tree(project / "models") | tree(project / "reports")
@@ -280,7 +398,7 @@ def test_run_file_of_another_training_is_a_usage_error(project):
 
 def test_diverged_checkpoint_fails_parity(project):
     state = load_checkpoint(project / "models/vae.pt")
-    state["model"]["decoder_fc.0.weight"][0, 0] = float("nan")
+    state["model"]["decoder.dense.0.weight"][0, 0] = float("nan")
     save_checkpoint(project / "models/vae.pt", state)
     with pytest.raises(WorkError, match="decoder ONNX parity failed .* NaN or infinite outputs"):
         export.run(ExportParams(), Path("models/vae.pt"), Path("models/run.json"), *outputs(project))
@@ -301,7 +419,7 @@ def test_dvc_stage_reads_exactly_what_it_declares():
     assert stage["cmd"] == "vaeops export"
     assert {"models/vae.pt", "models/run.json", "src/vaeops/stages/export.py"} <= set(stage["deps"])
     assert stage["params"] == ["export"]
-    assert stage["outs"][:2] == ["models/decoder.onnx", "models/encoder.onnx"]
+    assert stage["outs"][:3] == ["models/decoder.onnx", "models/encoder.onnx", "models/prior.onnx"]
     # No train key: export logs into the run the checkpoint names, whatever train.experiment says now.
     source = (ROOT / "src/vaeops/stages/export.py").read_text() + inspect.getsource(cli.export)
     assert "train." not in source
@@ -326,6 +444,8 @@ def test_dvc_exp_run_latent_dim_reaches_the_onnx_decoder(tmp_path, monkeypatch):
     session = ort.InferenceSession(str(proj / "models/decoder.onnx"), providers=["CPUExecutionProvider"])
     assert session.get_inputs()[0].shape == ["batch", 32]
     assert session.get_modelmeta().custom_metadata_map["latent_dim"] == "32"
+    prior = ort.InferenceSession(str(proj / "models/prior.onnx"), providers=["CPUExecutionProvider"])
+    assert prior.get_outputs()[0].shape == ["batch", 32]
     report = json.loads((proj / "reports/onnx_parity.json").read_text())
     assert report["decoder"]["max_abs_diff"] <= 1e-5 and report["encoder"]["max_abs_diff"] <= 1e-5
     client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{proj / 'mlruns.db'}")

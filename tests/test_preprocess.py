@@ -84,6 +84,7 @@ def test_split_sizes_dtypes_and_report(tmp_path, tiny_registry):
     assert report == summary
     assert report["train"]["count"] == 45 and sum(report["val"]["class_histogram"]) == 15
     assert report["train"]["pixel_mean"] == pytest.approx(x.mean() / 255, abs=1e-6)
+    assert report["train"]["pixel_std"] == pytest.approx((x / 255).std(), abs=1e-6)
     meta = json.loads((tmp_path / "out/meta.json").read_text())
     assert meta == {"dataset": "mnist", "image_shape": [1, 28, 28], "classes": list(SPEC.classes)}
 

@@ -1,4 +1,5 @@
-"""`vaeops sample`: the ONNX consumer, run as the real console script against a real exported decoder."""
+"""`vaeops sample`: the ONNX consumer, run as the real console script against a real exported decoder
+and prior (tests/test_export.py runs it on whole exports: RGB, logistic, VampPrior)."""
 
 import subprocess
 import sys
@@ -12,18 +13,31 @@ from conftest import run_cli, tiny_vae, tree
 from onnx import TensorProto, helper, numpy_helper
 from PIL import Image
 
+from vaeops import sample
 from vaeops.stages import export
 
 LATENT = 8
 SHAPE = (1, 28, 28)
 
 
-def write_decoder(path, arch="mlp", image_shape=SHAPE, latent_dim=LATENT):
+def write_decoder(path, arch="mlp", image_shape=SHAPE, latent_dim=LATENT, prior=True):
+    """The decoder at `path` and, unless `prior` is false (an export from before priors were
+    exported), the model's prior next to it, as export writes them."""
     model = tiny_vae(arch, image_shape, latent_dim)
     proto = export.to_onnx(export.Decoder(model), torch.randn(4, latent_dim), "z", ["image"], 18)
     export.add_metadata(proto, {"latent_dim": latent_dim, "image_shape": list(image_shape)}, "test decoder")
     onnx.save_model(proto, path)
+    if prior:
+        write_prior(path.with_name("prior.onnx"), *export.prior_components(model))
     return model
+
+
+def write_prior(path, mu, logvar):
+    onnx.save_model(export.prior_graph(np.asarray(mu, np.float32), np.asarray(logvar, np.float32), 18), path)
+
+
+def normal_prior(path, latent_dim=LATENT):
+    write_prior(path, np.zeros((1, latent_dim)), np.zeros((1, latent_dim)))
 
 
 @pytest.fixture(scope="module")
@@ -48,6 +62,14 @@ def bad_inputs(tmp_path_factory):
     np.save(folder / "empty.npy", np.zeros((0, LATENT), np.float32))
     np.save(folder / "complex.npy", np.zeros((3, LATENT), np.complex64))
     linear_decoder(folder / "int_input.onnx", "batch", TensorProto.INT64)
+    (folder / "old").mkdir()
+    write_decoder(folder / "old/decoder.onnx", prior=False)
+    (folder / "wide").mkdir()
+    write_decoder(folder / "wide/decoder.onnx", prior=False)
+    normal_prior(folder / "wide/prior.onnx", LATENT + 1)
+    (folder / "junk").mkdir()
+    write_decoder(folder / "junk/decoder.onnx", prior=False)
+    (folder / "junk/prior.onnx").write_text("not a prior\n")
     (folder / "junk.onnx").write_text("this is not a model\n")
     (folder / "junk.npy").write_text("nor is this an array\n")
     return folder
@@ -55,7 +77,7 @@ def bad_inputs(tmp_path_factory):
 
 def linear_decoder(path, batch, elem=TensorProto.FLOAT):
     """A hand-made decoder z → sigmoid(z W) as 1×28×28 images, with the given batch dim and element
-    type (one that torch's exporter would not write); returns W."""
+    type (one that torch's exporter would not write), and N(0, I)'s prior.onnx next to it; returns W."""
     dtype = {TensorProto.FLOAT: np.float32, TensorProto.DOUBLE: np.float64}.get(elem, np.float32)
     w = np.random.default_rng(0).standard_normal((LATENT, 28 * 28)).astype(dtype)
     nodes = [
@@ -78,6 +100,7 @@ def linear_decoder(path, batch, elem=TensorProto.FLOAT):
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)], ir_version=9)
     onnx.checker.check_model(model)
     onnx.save_model(model, path)
+    normal_prior(path.with_name("prior.onnx"))
     return w
 
 
@@ -176,6 +199,29 @@ def test_z_file_decodes_given_latents(decoder, tmp_path):
     np.testing.assert_array_equal(np.load(tmp_path / "x.npy"), ort_decode(model_path, z.astype(np.float32)))
 
 
+def test_an_old_export_without_prior_still_decodes_given_latents(bad_inputs, tmp_path):
+    z = np.full((2, LATENT), 0.5, np.float32)
+    np.save(tmp_path / "z.npy", z)
+    old = bad_inputs / "old/decoder.onnx"
+    res = run_cli("sample", "--model", str(old), "--z-file", "z.npy", "--format", "npy", cwd=tmp_path)
+    assert res.returncode == 0, res.stderr
+    np.testing.assert_array_equal(np.load(tmp_path / "samples.npy"), ort_decode(old, z))
+
+
+def test_latents_come_from_the_mixture_not_from_n01(tmp_path):
+    """A prior of 3 far-apart, narrow components: every seeded draw sits at one of them, each drawn
+    about a third of the time; N(0, I) would put them all near the origin."""
+    mu = np.array([[10.0] * LATENT, [-10.0] * LATENT, [0.0, 20.0] * (LATENT // 2)])
+    write_prior(tmp_path / "prior.onnx", mu, np.full((3, LATENT), 2 * np.log(0.01)))
+    prior = sample.load_prior(tmp_path / "decoder.onnx", LATENT)
+    z = sample.draw_latents(prior, 3000, LATENT, seed=7)
+    distance = np.linalg.norm(z[:, None, :] - mu[None].astype(np.float32), axis=2)  # 3000 × 3
+    assert (distance.min(1) < 0.01 * 6 * np.sqrt(LATENT)).all()
+    counts = np.bincount(distance.argmin(1), minlength=3)
+    assert (np.abs(counts - 1000) < 5 * np.sqrt(3000 * (1 / 3) * (2 / 3))).all(), counts  # 5 sigma
+    np.testing.assert_array_equal(z, sample.draw_latents(prior, 3000, LATENT, seed=7))  # seeded
+
+
 def test_conv_decoder_with_odd_image_size(tmp_path):
     write_decoder(tmp_path / "conv.onnx", arch="conv", image_shape=(1, 13, 15), latent_dim=3)
     res = run_cli("sample", "--model", "conv.onnx", "-n", "2", "--format", "npy", "-o", "c.npy", cwd=tmp_path)
@@ -208,6 +254,9 @@ def test_conv_decoder_with_odd_image_size(tmp_path):
         "z beyond float32",
         "z empty",
         "z complex",
+        "prior missing",
+        "prior of another width",
+        "prior not onnx",
     ],
 )
 def test_bad_input_exits_2_and_writes_nothing(decoder, bad_inputs, big_z, tmp_path, case):
@@ -232,7 +281,8 @@ def test_bad_input_exits_2_and_writes_nothing(decoder, bad_inputs, big_z, tmp_pa
         "nrow above n": (["-n", "4", "--nrow", "5"], "--nrow 5: more than the 4 images"),
         "n beyond memory": (
             ["-n", "1000000000", "--format", "npy", "-o", "out.npy"],
-            "-n 1000000000: that many 1×28×28 float32 images as npy need about 2.88 TiB of memory, more than",
+            # per image: its 784 float32 pixels, the noise eps and u, z drawn and z as the decoder's input
+            "-n 1000000000: that many 1×28×28 float32 images as npy need about 2.94 TiB of memory, more than",
         ),
         "z beyond memory": (
             ["--z-file", str(big_z)],
@@ -246,6 +296,16 @@ def test_bad_input_exits_2_and_writes_nothing(decoder, bad_inputs, big_z, tmp_pa
         ),
         "z empty": (["--z-file", "empty.npy"], "empty.npy: holds no latents"),
         "z complex": (["--z-file", "complex.npy"], "complex.npy: expected a numeric N × 8 .npy array"),
+        "prior missing": (
+            ["--model", "old/decoder.onnx"],
+            "old/prior.onnx: the model's prior is missing next to decoder.onnx (exported by an older "
+            "vaeops?); rerun `vaeops export`",
+        ),
+        "prior of another width": (
+            ["--model", "wide/decoder.onnx"],
+            "wide/prior.onnx: not the prior of this 8-wide decoder",
+        ),
+        "prior not onnx": (["--model", "junk/decoder.onnx"], "junk/prior.onnx: not a loadable ONNX model"),
     }[case]
     if "--model" not in args:
         args = ["--model", str(model_path), *args]

@@ -31,9 +31,9 @@ PARAMS = Path("params.yaml")
 @app.command()
 def download(
     params_file: ParamsFile = PARAMS,
-    out: Annotated[Path, typer.Option(help="verified IDX files go to <out>/<dataset>/")] = Path("data/raw"),
+    out: Annotated[Path, typer.Option(help="verified files go to <out>/<dataset>/")] = Path("data/raw"),
 ) -> None:
-    """Fetch the dataset's IDX files (mirror, system folder, public mirrors) and verify SHA-256."""
+    """Fetch the dataset's files (mirror, system folder, public mirrors) and verify them."""
     from vaeops.config import load_params
     from vaeops.stages import download
 
@@ -44,11 +44,11 @@ def download(
 @app.command()
 def preprocess(
     params_file: ParamsFile = PARAMS,
-    raw: Annotated[Path, typer.Option(help="folder holding <dataset>/ IDX files")] = Path("data/raw"),
+    raw: Annotated[Path, typer.Option(help="folder holding <dataset>/ source files")] = Path("data/raw"),
     out: Annotated[Path, typer.Option(help="folder for train/val/test .npz")] = Path("data/processed"),
     report: Annotated[Path, typer.Option(help="data statistics (JSON)")] = Path("reports/data.json"),
 ) -> None:
-    """Validate the IDX files, split off a seeded validation set, store compact uint8 arrays."""
+    """Validate the source files, split off seeded validation (and test) sets, store uint8 arrays."""
     from vaeops.config import load_params
     from vaeops.stages import preprocess
 
@@ -113,7 +113,7 @@ def evaluate(
         "reports/elbo_by_class.json"
     ),
 ) -> None:
-    """Test-set ELBO, IWAE log-likelihood, bits/dim, active units, per-class ELBO, and figures."""
+    """Test-set ELBO, IWAE log p(x) and bits/dim (normalized likelihoods), per-class scores, figures."""
     from vaeops.config import load_params
     from vaeops.stages import evaluate
 
@@ -134,7 +134,7 @@ def export(
         "reports/onnx_parity.json"
     ),
 ) -> None:
-    """Export decoder and encoder to ONNX, prove parity with PyTorch, log and register them in MLflow."""
+    """Export decoder, encoder and prior to ONNX, prove parity with PyTorch, log them in MLflow."""
     from vaeops.config import load_params
     from vaeops.stages import export
 
@@ -144,8 +144,8 @@ def export(
 
 @app.command()
 def sample(
-    model: Annotated[Path, typer.Option(help="ONNX decoder written by export")] = Path("models/decoder.onnx"),
-    n: Annotated[int, typer.Option("-n", help="number of images (random z ~ N(0, I))")] = 64,
+    model: Annotated[Path, typer.Option(help="ONNX decoder (+ prior.onnx)")] = Path("models/decoder.onnx"),
+    n: Annotated[int, typer.Option("-n", help="number of images (z drawn from the model's prior)")] = 64,
     seed: Annotated[int, typer.Option(help="seed of the random latents")] = 0,
     z_file: Annotated[
         Path | None, typer.Option(help="decode these latents (.npy, N × latent_dim) instead of random ones")
@@ -158,7 +158,7 @@ def sample(
         Path | None, typer.Option("-o", "--out", help="output file [default: samples.<format>]")
     ] = None,
 ) -> None:
-    """Decode latents with the ONNX decoder (onnxruntime only, no torch) to a PNG grid or an .npy array."""
+    """Sample the exported prior and decoder (onnxruntime only, no torch) to a PNG grid or an .npy array."""
     from vaeops import sample as sampler
 
     sampler.run(model, out or Path(f"samples.{fmt}"), n=n, seed=seed, z_file=z_file, fmt=fmt, nrow=nrow)

@@ -11,14 +11,13 @@ import json
 import os
 import typing
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
 
 from vaeops.errors import UsageError
 
-DATASETS = ("mnist", "fashion-mnist")
 ENV_PREFIX = "VAEOPS_"
 # VAEOPS_* variables that are settings of the machine, not params: DVC does not track them.
 NOT_PARAMS = frozenset(
@@ -57,28 +56,64 @@ class Section(BaseModel):
 
 
 class DataParams(Section):
-    dataset: Literal["mnist", "fashion-mnist"] = Field("mnist", description="dataset to train on")
+    # The registry in src/vaeops/datasets/ has one entry per name.
+    dataset: Literal["mnist", "fashion-mnist", "cifar10", "folder"] = Field(
+        "mnist", description="mnist, fashion-mnist, cifar10, or folder (your images at data.path)"
+    )
     # Extra base URLs tried after VAEOPS_DATA_MIRROR and the system folder; empty means the
-    # dataset's canonical public mirrors (see datasets.py).
+    # dataset's canonical public mirrors (see src/vaeops/datasets/).
     mirrors: list[str] = Field(
         default_factory=list, description="extra base URLs to download from; empty = canonical public mirrors"
     )
     timeout_s: float = Field(
         30.0, gt=0, le=3600, description="seconds an HTTP read may wait; a whole file gets 10× that"
     )
+    # Only `folder` reads these three: the other datasets come in one size and colour.
+    path: str = Field(
+        "", description="folder: where your PNG/JPEG images are (one sub-folder per class, or none)"
+    )
+    image_size: int = Field(
+        32, ge=4, le=1024, description="folder: side of the square images (centre crop, then resize)"
+    )
+    # The environment gives text, and a Literal of ints takes no "3" for 3.
+    channels: Annotated[
+        Literal[1, 3],
+        BeforeValidator(lambda v: int(v) if isinstance(v, str) and v.strip() in ("1", "3") else v),
+    ] = Field(3, description="folder: 1 (greyscale) or 3 (RGB); every image is converted")
 
 
 class PreprocessParams(Section):
     val_size: int = Field(5000, ge=0, description="images split off the training set")
-    seed: int = Field(0, ge=0, le=MAX_SEED, description="seed of the validation split")
+    test_size: int = Field(
+        5000, ge=1, description="images split off for the test set, where the dataset has none (folder)"
+    )
+    seed: int = Field(0, ge=0, le=MAX_SEED, description="seed of the validation (and folder test) split")
     # Keep only the first N training images after the split (0 = all): a small-data profile.
     train_limit: int = Field(0, ge=0, description="keep only N training images (0 = all): small-data profile")
 
 
 class TrainParams(Section):
-    arch: Literal["mlp", "conv"] = Field("mlp", description="mlp (the article code) or conv")
+    # The model's parts (src/vaeops/model/): each name is a key of that part's registry.
+    arch: Literal["mlp", "conv", "resnet"] = Field(
+        "mlp", description="mlp (the article code), conv (the article's description) or resnet"
+    )
     latent_dim: int = Field(20, ge=1, le=MAX_LATENT, description="width of z")
     hidden_dim: int = Field(400, ge=1, le=MAX_HIDDEN, description="hidden layer width (dense layers)")
+    hidden_layers: int = Field(1, ge=1, le=8, description="mlp: hidden layers in encoder and decoder")
+    channels: list[Annotated[int, Field(ge=1, le=MAX_HIDDEN)]] = Field(
+        default_factory=lambda: [32, 64],
+        min_length=1,
+        max_length=6,
+        description="conv/resnet: channels per level; each level halves H and W",
+    )
+    likelihood: Literal["bernoulli", "continuous_bernoulli", "logistic"] = Field(
+        "bernoulli", description="p(x|z): bernoulli (the article), continuous_bernoulli, or logistic (8-bit)"
+    )
+    logistic_components: int = Field(1, ge=1, le=10, description="logistic: mixture components per channel")
+    prior: Literal["normal", "vamp"] = Field("normal", description="p(z): normal N(0, I) or vamp (VampPrior)")
+    prior_components: int = Field(500, ge=1, le=5000, description="vamp: pseudo-inputs")
+    objective: Literal["elbo", "iwae"] = Field("elbo", description="elbo, or iwae with iwae_k samples")
+    iwae_k: int = Field(5, ge=1, le=1000, description="iwae: importance samples per image in training")
     epochs: int = Field(10, ge=1, description="training epochs")
     batch_size: int = Field(128, ge=1, le=MAX_BATCH, description="images per optimizer step")
     optimizer: Literal["adam", "sgd"] = Field("adam", description="adam, or sgd with momentum")
@@ -99,7 +134,9 @@ class TrainParams(Section):
     loss_reduction: Literal["mean", "sum"] = Field(
         "mean", description="mean or sum (the article) of the per-image loss over a batch"
     )
-    binarize: bool = Field(False, description="dynamically binarized pixel targets instead of [0, 1]")
+    binarize: bool = Field(
+        True, description="bernoulli: dynamically binarized targets (a true likelihood) instead of grey"
+    )
     grad_clip: float = Field(0.0, ge=0, description="max grad norm; 0 disables clipping")
     seed: int = Field(0, ge=0, le=MAX_SEED, description="seed of init, shuffling, sampling")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto = cuda if present, else cpu")
@@ -176,11 +213,17 @@ def train_memory_gib(p: TrainParams) -> float:
     h, z = p.hidden_dim, p.latent_dim
     weights = h * (2 * PIXELS + 3 * z)  # image → hidden → (mu, logvar); z → hidden → image
     per_image = 2 * PIXELS + 2 * h + 3 * z
-    if p.arch == "conv":
-        feat = 64 * PIXELS // 16  # 64 channels after two 2× poolings
-        weights = h * (2 * feat + 2 * h + 3 * z)
-        per_image += 2 * (32 * PIXELS + 64 * PIXELS // 4)  # the feature maps, encoder and decoder
-    batch = min(p.batch_size, TRAIN_IMAGES)
+    if p.arch in ("conv", "resnet"):
+        maps, area = 0, PIXELS
+        for c in p.channels:  # each level's feature maps at its size; resnet keeps ~6 per level
+            maps += c * area * (6 if p.arch == "resnet" else 1)
+            area //= 4
+        feat = p.channels[-1] * area
+        weights = h * (2 * feat + 2 * h + 3 * z) + sum(9 * c * c for c in p.channels) * 4
+        per_image += 2 * maps  # encoder and decoder
+    if p.objective == "iwae":
+        per_image *= p.iwae_k  # k decoded samples per image
+    batch = min(p.batch_size, TRAIN_IMAGES) + (p.prior_components if p.prior == "vamp" else 0)
     return 4 * (4 * weights + 2 * batch * per_image) / 2**30
 
 

@@ -13,9 +13,12 @@ if TYPE_CHECKING:
 
 
 def grid(images: np.ndarray, nrow: int, pad: int = 2, pad_value: int = 255) -> np.ndarray:
-    """N×C×H×W floats in [0, 1] → one H'×W'×3 uint8 picture, `nrow` images per row."""
+    """N×C×H×W floats in [0, 1], C = 1 (grey) or 3 (RGB) → one H'×W'×3 uint8 picture, `nrow` images
+    per row."""
     images = np.asarray(images, dtype=np.float32)
     n, c, h, w = images.shape
+    if c not in (1, 3):
+        raise ValueError(f"images have {c} channels; a grid shows 1 (grey) or 3 (RGB)")
     if c == 1:
         images = np.repeat(images, 3, axis=1)
     ncol = nrow
@@ -41,6 +44,7 @@ def save_png(path: Path | str, image: np.ndarray) -> None:
 # without pyplot, so no global figure state or display backend is involved.
 
 HEADER_H = 56  # px: a title line and a smaller subtitle line above every picture
+TILE_PX = 84  # labelled grids upscale small images to about this size (28×28 MNIST: 3×), never down
 INK = (34, 34, 34)
 MUTED = (110, 110, 110)
 
@@ -57,30 +61,40 @@ def labelled_grid(
     title: str,
     subtitle: str = "",
     row_labels: list[str] | None = None,
-    scale: int = 3,
+    scale: int | None = None,
     pad: int = 2,
 ) -> np.ndarray:
     """grid() upscaled `scale`× with a title band on top and optional row labels on the left.
 
     Size: HEADER_H + scale·grid_h tall; scale·grid_w wide plus, with row labels, a column as wide as
-    the longest label + 20 px.
+    the longest label + 20 px; wider where the title or subtitle needs it (the grid then centred).
+    scale: by default `grid_scale` of the image size.
     """
     from PIL import Image, ImageDraw
 
+    scale = scale or grid_scale(images.shape[2], images.shape[3])
     body = grid(images, nrow, pad=pad).repeat(scale, 0).repeat(scale, 1)
-    label_font = _font(14)
+    title_font, subtitle_font, label_font = _font(18), _font(13), _font(14)
     label_w = int(max(label_font.getlength(t) for t in row_labels)) + 20 if row_labels else 0
-    canvas = Image.new("RGB", (label_w + body.shape[1], HEADER_H + body.shape[0]), "white")
-    canvas.paste(Image.fromarray(body), (label_w, HEADER_H))
+    text_w = int(max(title_font.getlength(title), subtitle_font.getlength(subtitle))) + 20
+    width = max(label_w + body.shape[1], text_w)
+    left = label_w + (width - label_w - body.shape[1]) // 2
+    canvas = Image.new("RGB", (width, HEADER_H + body.shape[0]), "white")
+    canvas.paste(Image.fromarray(body), (left, HEADER_H))
     draw = ImageDraw.Draw(canvas)
-    draw.text((canvas.width / 2, 20), title, fill=INK, font=_font(18), anchor="mm")
+    draw.text((canvas.width / 2, 20), title, fill=INK, font=title_font, anchor="mm")
     if subtitle:
-        draw.text((canvas.width / 2, 43), subtitle, fill=MUTED, font=_font(13), anchor="mm")
+        draw.text((canvas.width / 2, 43), subtitle, fill=MUTED, font=subtitle_font, anchor="mm")
     h = images.shape[2]
     for r, label in enumerate(row_labels or []):
         y = HEADER_H + (pad + r * (h + pad) + h / 2) * scale
-        draw.text((label_w - 10, y), label, fill=INK, font=label_font, anchor="rm")
+        draw.text((left - 10, y), label, fill=INK, font=label_font, anchor="rm")
     return np.asarray(canvas)
+
+
+def grid_scale(h: int, w: int) -> int:
+    """The integer upscaling of labelled grids: 3 for images up to 28 px, 1 from 84 px."""
+    return max(1, min(3, TILE_PX // max(h, w)))
 
 
 def _figure(width: float, height: float) -> "Figure":
@@ -139,26 +153,37 @@ def _class_colours(n: int) -> np.ndarray:
     return np.array([colormaps[name](i % 20) for i in range(n)])
 
 
-def elbo_histogram(elbo: np.ndarray, worst: np.ndarray, worst_elbo: np.ndarray, title: str) -> np.ndarray:
-    """Histogram of per-image ELBO above a strip of the lowest-scoring images. 1000×700 px.
+def score_histogram(
+    values: np.ndarray,
+    worst: np.ndarray,
+    worst_values: np.ndarray,
+    title: str,
+    xlabel: str,
+    higher_is_better: bool = True,
+) -> np.ndarray:
+    """Histogram of a per-image score above a strip of the least typical images. 1000×700 px.
 
-    worst: M×C×H×W images in [0, 1], worst_elbo their scores (the strip is the anomaly view).
+    worst: M×C×H×W images in [0, 1], worst_values their scores (the strip is the anomaly view). The
+    anomaly threshold is the 1st percentile of a score where higher is better (the ELBO), else the
+    99th (a loss).
     """
     fig = _figure(10, 7)
     top, bottom = fig.subfigures(2, 1, height_ratios=[2.6, 1])
     ax = top.add_subplot()
-    ax.hist(elbo, bins=100, color="#4c72b0", alpha=0.85)
-    mean, p1 = float(elbo.mean()), float(np.percentile(elbo, 1))
+    ax.hist(values, bins=100, color="#4c72b0", alpha=0.85)
+    pct, rank = (1, "1st") if higher_is_better else (99, "99th")
+    mean, threshold = float(values.mean()), float(np.percentile(values, pct))
     ax.axvline(mean, color="#222222", linestyle="--", linewidth=1.2, label=f"mean {mean:.1f}")
-    ax.axvline(p1, color="#c44e52", linewidth=1.5, label=f"1st percentile {p1:.1f} (anomaly threshold)")
-    ax.set_xlabel("ELBO per test image (nats, higher = more typical)")
+    label = f"{rank} percentile {threshold:.1f} (anomaly threshold)"
+    ax.axvline(threshold, color="#c44e52", linewidth=1.5, label=label)
+    ax.set_xlabel(xlabel)
     ax.set_ylabel("images")
     ax.set_title(title)
     ax.legend(loc="upper left", frameon=False)
     ax.grid(alpha=0.2)
-    bottom.suptitle("lowest-ELBO test images (most anomalous to the model)", fontsize=11)
+    bottom.suptitle("least typical test images (most anomalous to the model)", fontsize=11)
     axes = bottom.subplots(1, len(worst))
-    for a, img, score in zip(np.atleast_1d(axes), worst, worst_elbo, strict=True):
+    for a, img, score in zip(np.atleast_1d(axes), worst, worst_values, strict=True):
         a.imshow(_hwc(img), cmap="gray", vmin=0, vmax=1, interpolation="nearest")
         a.set_title(f"{score:.0f}", fontsize=10)
         a.axis("off")
@@ -170,15 +195,19 @@ def _hwc(image: np.ndarray) -> np.ndarray:
     return image[0] if image.shape[0] == 1 else image.transpose(1, 2, 0)
 
 
-def manifold(images: np.ndarray, values: np.ndarray, title: str) -> np.ndarray:
-    """n×n decoded images (row-major, top row = highest z1) on a grid over z0, z1 = `values`. 800×800 px."""
-    n = len(values)
+def manifold(images: np.ndarray, z0: np.ndarray, z1: np.ndarray, title: str) -> np.ndarray:
+    """n×n decoded images (row-major, top row = highest z1) on a grid over z0 (columns, ascending) and
+    z1 (rows). 800×800 px. The grid need not be evenly spaced: ticks sit at tile centres and name their
+    z there."""
+    n = len(z0)
     pic = grid(images, n, pad=0)
+    h, w = images.shape[2:]
     fig = _figure(8, 8)
     ax = fig.add_subplot()
-    step = values[1] - values[0] if n > 1 else 1.0
-    extent = (values[0] - step / 2, values[-1] + step / 2, values[0] - step / 2, values[-1] + step / 2)
-    ax.imshow(pic, extent=extent, interpolation="nearest")
+    ax.imshow(pic, interpolation="nearest")
+    ticks = np.unique(np.linspace(0, n - 1, min(n, 5)).round().astype(int))
+    ax.set_xticks((ticks + 0.5) * w - 0.5, [f"{z0[i]:.2g}" for i in ticks])
+    ax.set_yticks((ticks + 0.5) * h - 0.5, [f"{z1[::-1][i]:.2g}" for i in ticks])
     ax.set_xlabel("z0")
     ax.set_ylabel("z1")
     ax.set_title(title)

@@ -1,4 +1,5 @@
-"""The ONNX consumer: decode latents with models/decoder.onnx, no PyTorch needed.
+"""The ONNX consumer: draw z from the model's own prior (models/prior.onnx, next to the decoder) and
+decode it with models/decoder.onnx, no PyTorch needed. `--z-file` decodes given latents instead.
 
 Only onnxruntime, numpy and Pillow (through figures.save_png) are imported here, never torch, mlflow
 or onnx: this is the path a deployment uses, and it must start fast.
@@ -57,6 +58,44 @@ def load_decoder(path: Path) -> ort.InferenceSession:
             f"{path}: not a vaeops decoder (output {outputs[0].name} has shape {outputs[0].shape})"
         )
     return session
+
+
+def load_prior(decoder: Path, latent_dim: int) -> ort.InferenceSession:
+    """prior.onnx next to the decoder: (eps [batch, D], u [batch]) → z [batch, D]."""
+    path = decoder.with_name("prior.onnx")
+    if not path.is_file():
+        raise UsageError(
+            f"{path}: the model's prior is missing next to {decoder.name} (exported by an older vaeops?); "
+            "rerun `vaeops export` (or `dvc repro export`), or decode given latents with --z-file"
+        )
+    try:
+        session = ort.InferenceSession(
+            str(path), sess_options=session_options(), providers=["CPUExecutionProvider"]
+        )
+    except Exception as e:
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        raise UsageError(f"{path}: not a loadable ONNX model ({reason})") from None
+    got = {i.name: (i.type, i.shape[1:]) for i in session.get_inputs()}
+    outputs = [(o.name, o.type, o.shape[1:]) for o in session.get_outputs()]
+    want = {"eps": ("tensor(float)", [latent_dim]), "u": ("tensor(float)", [])}
+    if got != want or outputs[:1] != [("z", "tensor(float)", [latent_dim])]:
+        raise UsageError(
+            f"{path}: not the prior of this {latent_dim}-wide decoder (expected inputs eps [batch, "
+            f"{latent_dim}] and u [batch], output z [batch, {latent_dim}]; got {got} → {outputs})"
+        )
+    return session
+
+
+def draw_latents(prior: ort.InferenceSession, n: int, latent_dim: int, seed: int) -> np.ndarray:
+    """n draws from the prior: seeded noise eps ~ N(0, I) and u ~ U[0, 1) (which mixture component)
+    through prior.onnx. For N(0, I) z is eps itself, the same latents as before priors were exported."""
+    rng = np.random.default_rng(seed)
+    eps = rng.standard_normal((n, latent_dim), dtype=np.float32)
+    u = rng.random(n, dtype=np.float32)
+    z = np.empty_like(eps)
+    for i in range(0, n, CHUNK):
+        z[i : i + CHUNK] = prior.run(["z"], {"eps": eps[i : i + CHUNK], "u": u[i : i + CHUNK]})[0]
+    return z
 
 
 def load_latents(path: Path, latent_dim: int) -> np.ndarray:
@@ -155,7 +194,8 @@ def run(
     fmt: str = "png",
     nrow: int = 0,
 ) -> np.ndarray:
-    """Decode `n` random latents (or those in `z_file`) and write a PNG grid or an .npy of images."""
+    """Decode `n` latents drawn from the model's prior (or those in `z_file`) and write a PNG grid or an
+    .npy of images."""
     if fmt not in FORMATS:
         raise UsageError(f"--format {fmt!r} is not allowed; expected one of {', '.join(FORMATS)}")
     if z_file is None and n < 1:
@@ -178,8 +218,10 @@ def run(
         check_fits(len(z), probe, latent_bytes, fmt, f"--z-file {z_file} ({len(z)} latents)")
         z = as_input(z, dtype, z_file)
     else:
-        check_fits(n, probe, latent_bytes, fmt, f"-n {n}")
-        z = np.random.default_rng(seed).standard_normal((n, latent_dim), dtype=np.float32)
+        prior = load_prior(model, latent_dim)
+        # eps, u and z are held at once.
+        check_fits(n, probe, latent_bytes + (2 * latent_dim + 1) * 4, fmt, f"-n {n}")
+        z = draw_latents(prior, n, latent_dim, seed)
     if fmt == "png" and nrow > len(z):
         raise UsageError(f"--nrow {nrow}: more than the {len(z)} images")
     try:

@@ -204,9 +204,11 @@ def read_run_id(path: Path | str) -> str:
         raise UsageError(f"{path}: not a run file (expected JSON with 'run_id')") from None
 
 
-def run_name(arch: str, latent_dim: int, dataset: str, epochs: int) -> str:
-    """The run's name in the MLflow UI: the DVC experiment's name, else what was trained."""
-    return os.environ.get("DVC_EXP_NAME") or f"{arch}-z{latent_dim}-{dataset}-{epochs}ep"
+def run_name(arch: str, latent_dim: int, dataset: str, epochs: int, parts: tuple[str, ...] = ()) -> str:
+    """The run's name in the MLflow UI: the DVC experiment's name, else what was trained. `parts` are
+    the likelihood and prior when they are not the defaults (mlp-vamp-z20-mnist-10ep)."""
+    what = "-".join((arch, *parts))
+    return os.environ.get("DVC_EXP_NAME") or f"{what}-z{latent_dim}-{dataset}-{epochs}ep"
 
 
 # --- evaluate and export: log into the run of the checkpoint they read, and only that one ----------
@@ -261,7 +263,7 @@ def require_run(run_id: str) -> None:
 
 def check_unchanged(model_path: Path, sha256: str, stage: str) -> None:
     """Fail when model_path no longer holds the bytes the stage read (a training ran meanwhile)."""
-    from vaeops.models import file_sha256
+    from vaeops.model.checkpoint import file_sha256
 
     if file_sha256(model_path) != sha256:
         raise CheckpointReplaced(
@@ -337,13 +339,18 @@ def describe(run_id: str) -> None:
     results = []
     if "test.elbo" in metrics:
         results.append(f"test ELBO **{metrics['test.elbo']:.2f}** nats per image")
+    if "test.loss" in metrics:
+        results.append(
+            f"test loss (BCE + KL, not a likelihood) **{metrics['test.loss']:.2f}** nats per image"
+        )
     if "test.log_px_iwae" in metrics:
         k, n = p("evaluate.iwae_samples"), p("evaluate.iwae_images")
         results.append(f"IWAE log p(x) ≥ {metrics['test.log_px_iwae']:.2f} (k = {k} on {n} images)")
     if "val/elbo" in metrics:
         results.append(f"val ELBO {metrics['val/elbo']:.2f} at the last epoch")
     lines = [
-        f"**{p('train.arch')} VAE**, z = {p('train.latent_dim')}, trained on {p('data.dataset')} "
+        f"**{p('train.arch')} VAE**, {p('train.likelihood')} likelihood, {p('train.prior')} prior, "
+        f"z = {p('train.latent_dim')}, trained on {p('data.dataset')} "
         f"({p('data.train_images')} images) for {p('train.epochs')} epochs.",
         "",
     ]

@@ -1,9 +1,12 @@
-"""download: fetch the dataset's IDX files from the first source that serves a verified payload.
+"""download: fetch the dataset's raw files from the first source that serves a verified payload.
 
 Sources, in order: VAEOPS_DATA_MIRROR (a folder or URL), the system dataset folder
 (/usr/share/datasets/<name>, where Debian's dataset packages install), then `data.mirrors`
-(the dataset's canonical public mirrors when empty). Each file's decompressed payload must match
-its SHA-256; anything else moves on to the next source.
+(the dataset's canonical public mirrors when empty). Each file must match its published digest
+(of the decompressed payload for IDX files, which mirrors gzip or not; of the archive as published
+for CIFAR-10); anything else moves on to the next source.
+
+`data.dataset: folder` copies your own images instead (datasets/folder.py).
 
 `data.timeout_s` bounds each read from an HTTP source, and a whole file gets FILE_DEADLINE times
 that: a mirror that trickles a byte now and then is never silent for long, yet must not hold the
@@ -22,7 +25,8 @@ from pathlib import Path
 from typing import Any
 
 from vaeops.config import DataParams
-from vaeops.datasets import DatasetSpec, get_spec, payload, sha256_file
+from vaeops.datasets import Fetched, FolderSpec, RawFile, digest_file, get_spec, payload
+from vaeops.datasets import folder as image_folder
 from vaeops.errors import UsageError, WorkError
 from vaeops.io import write_bytes
 from vaeops.progress import download_bar, log
@@ -31,7 +35,7 @@ SYSTEM_DATASETS = "/usr/share/datasets"
 FILE_DEADLINE = 10  # × data.timeout_s: the most one file from one HTTP source may take
 
 
-def sources(params: DataParams, spec: DatasetSpec) -> list[str]:
+def sources(params: DataParams, spec: Fetched) -> list[str]:
     found = []
     if mirror := os.environ.get("VAEOPS_DATA_MIRROR"):
         found.append(mirror)
@@ -143,9 +147,11 @@ def _http_get(url: str, timeout: float, label: str) -> bytes:
     return b"".join(chunks)
 
 
-def fetch(source: str, name: str, timeout: float) -> bytes:
-    """The raw bytes of `name` (gzipped or not) from one source; raises OSError-like errors on failure."""
-    candidates = [name + ".gz", name]
+def fetch(source: str, raw: RawFile, timeout: float) -> bytes:
+    """The bytes of `raw` (gzipped or not, where it may be) from one source; raises OSError-like
+    errors on failure."""
+    name = raw.name
+    candidates = [name + ".gz", name] if raw.gzipped else [name]
     if _is_url(source):
         base = source if source.endswith("/") else source + "/"
         errors = []
@@ -159,7 +165,7 @@ def fetch(source: str, name: str, timeout: float) -> bytes:
     for cand in candidates:
         if (folder / cand).is_file():
             return (folder / cand).read_bytes()
-    raise FileNotFoundError(f"no {name}(.gz) there")
+    raise FileNotFoundError(f"no {name}{'(.gz)' if raw.gzipped else ''} there")
 
 
 def _reason(e: BaseException) -> str:
@@ -176,23 +182,29 @@ def run(params: DataParams, out_dir: Path) -> dict[str, str]:
     blocked = next((p for p in [out_dir, *out_dir.parents] if p.exists() and not p.is_dir()), None)
     if blocked is not None:
         raise UsageError(f"{blocked}: is a file; download writes the dataset's files into a folder {out_dir}")
+    if isinstance(spec, FolderSpec):
+        return image_folder.download(params, out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     used: dict[str, str] = {}
-    for name, digest in spec.sha256.items():
+    for raw in spec.raw_files:
+        name, digest, algorithm = raw.name, raw.digest, raw.algorithm
         target = out_dir / name
-        if target.is_file() and sha256_file(target) == digest:
+        if target.is_file() and digest_file(target, algorithm) == digest:
             used[name] = "already verified"
             continue
         tried = []
         for source in sources(params, spec):
             try:
-                data = payload(fetch(source, name, params.timeout_s))
+                data = fetch(source, raw, params.timeout_s)
+                data = payload(data) if raw.gzipped else data
             except Exception as e:  # every failure of a source means: try the next one
                 tried.append(f"{source}: {_reason(e)}")
                 continue
-            got = hashlib.sha256(data).hexdigest()
+            got = hashlib.new(algorithm, data).hexdigest()
             if got != digest:
-                tried.append(f"{source}: checksum mismatch (sha256 {got[:12]}…, expected {digest[:12]}…)")
+                tried.append(
+                    f"{source}: checksum mismatch ({algorithm} {got[:12]}…, expected {digest[:12]}…)"
+                )
                 continue
             write_bytes(target, data)
             used[name] = source

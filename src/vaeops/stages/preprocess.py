@@ -1,10 +1,11 @@
-"""preprocess: verified IDX → compact uint8 arrays for train / val / test, plus data statistics.
+"""preprocess: verified raw files → compact uint8 arrays for train / val / test, plus data statistics.
 
-The raw files must still hold the payloads download verified (SHA-256), so a file changed or
+The raw files must still be the ones download verified (their digests), so a file changed or
 damaged since then is refused instead of silently trained on.
 
 Images stay uint8 N×C×H×W; scaling to [0, 1] and binarization happen in the training loop on
-whole batches. The validation split is a seeded random subset of the training set.
+whole batches. The validation split is a seeded random subset of the training set; a dataset
+without a test split of its own (folder) has its test split drawn the same way first.
 """
 
 import json
@@ -17,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from vaeops.config import DataParams, PreprocessParams
-from vaeops.datasets import check_raw, get_spec, read_split
+from vaeops.datasets import get_spec
 from vaeops.errors import UsageError
 from vaeops.io import atomic_path
 from vaeops.progress import log
@@ -80,11 +81,20 @@ def load_split(
 
 
 def _stats(images: np.ndarray, labels: np.ndarray, n_classes: int) -> dict:
-    x = images.astype(np.float64) / 255.0
+    # From a histogram of the 256 pixel values, counted a slice at a time: exact, and never a
+    # float copy of a whole split.
+    counts = np.zeros(256, np.int64)
+    flat = images.reshape(-1)
+    for i in range(0, len(flat), 1 << 24):
+        counts += np.bincount(flat[i : i + (1 << 24)], minlength=256)
+    values = np.arange(256) / 255.0
+    n = max(int(counts.sum()), 1)
+    mean = float(counts @ values) / n
+    std = float(np.sqrt(counts @ (values - mean) ** 2 / n))
     return {
         "count": int(len(images)),
-        "pixel_mean": round(float(x.mean()), 6) if len(x) else 0.0,
-        "pixel_std": round(float(x.std()), 6) if len(x) else 0.0,
+        "pixel_mean": round(mean, 6),
+        "pixel_std": round(std, 6),
         "class_histogram": np.bincount(labels, minlength=n_classes).tolist(),
     }
 
@@ -99,27 +109,41 @@ def run(data: DataParams, params: PreprocessParams, raw_dir: Path, out_dir: Path
         existing = next(p for p in path.parents if p.exists())
         if not existing.is_dir():
             raise UsageError(f"{path}: cannot be written, {existing} is a file and not a folder")
-    check_raw(raw_dir, spec)
-    train_x, train_y = read_split(raw_dir, spec, "train")
-    test_x, test_y = read_split(raw_dir, spec, "test")
-    if params.val_size >= len(train_x):
-        raise UsageError(
-            f"preprocess.val_size = {params.val_size} must be smaller than the {len(train_x)} training images"
-        )
-    perm = np.random.default_rng(params.seed).permutation(len(train_x))
-    val_idx, train_idx = np.sort(perm[: params.val_size]), np.sort(perm[params.val_size :])
+    data_in = spec.read(raw_dir, data)
+    train_x, train_y = data_in.train
+    rng = np.random.default_rng(params.seed)
+    if data_in.test is None:
+        if params.test_size + params.val_size >= len(train_x):
+            raise UsageError(
+                f"preprocess.test_size = {params.test_size} plus val_size = {params.val_size} must be "
+                f"fewer than the {len(train_x)} images of {spec.name}; lower them"
+            )
+        perm = rng.permutation(len(train_x))
+        test_idx, pool = np.sort(perm[: params.test_size]), np.sort(perm[params.test_size :])
+        test = train_x[test_idx], train_y[test_idx]
+    else:
+        pool, test = np.arange(len(train_x)), data_in.test
+        if params.val_size >= len(train_x):
+            raise UsageError(
+                f"preprocess.val_size = {params.val_size} must be smaller than the {len(train_x)} "
+                "training images"
+            )
+    # Indices into the pool until the end, so each split is copied out of the images once.
+    perm = rng.permutation(len(pool))
+    val_idx, train_idx = pool[np.sort(perm[: params.val_size])], pool[np.sort(perm[params.val_size :])]
     if params.train_limit:
         train_idx = train_idx[: params.train_limit]
     splits = {
         "train": (train_x[train_idx], train_y[train_idx]),
         "val": (train_x[val_idx], train_y[val_idx]),
-        "test": (test_x, test_y),
+        "test": test,
     }
+    classes = list(data_in.classes)
     summary = {
         "dataset": spec.name,
-        "image_shape": list(spec.image_shape),
-        "classes": list(spec.classes),
-        **{name: _stats(x, y, len(spec.classes)) for name, (x, y) in splits.items()},
+        "image_shape": list(train_x.shape[1:]),
+        "classes": classes,
+        **{name: _stats(x, y, len(classes)) for name, (x, y) in splits.items()},
     }
     # All five files or none: each is written to a temp file, and they are renamed into place only
     # once every one is written, so a full disk never leaves new splits beside old statistics.

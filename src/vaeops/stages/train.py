@@ -21,10 +21,12 @@ from torch import Tensor
 
 from vaeops import tracking
 from vaeops.config import TrainParams, env_overrides
+from vaeops.device import resolve_device
 from vaeops.errors import UsageError, WorkError
 from vaeops.figures import grid, save_png
 from vaeops.io import atomic_path, write_json
-from vaeops.models import VAE, checkpoint, resolve_device, save_checkpoint
+from vaeops.model.checkpoint import checkpoint, save_checkpoint
+from vaeops.model.vae import VAE, model_config
 from vaeops.progress import log, step_bar
 from vaeops.stages.preprocess import load_split
 from vaeops.training.distributed import launch as launch  # for cli.py: train.launch
@@ -123,29 +125,23 @@ def _run(params: TrainParams, paths: Paths) -> dict[str, Any]:
         log("train.compile applies on CUDA only; ignored on cpu")
     train_u8, val_u8, meta = load_data(paths.data)
     shape = tuple(int(d) for d in meta["image_shape"])
-    config = {
-        "arch": params.arch,
-        "latent_dim": params.latent_dim,
-        "hidden_dim": params.hidden_dim,
-        "image_shape": list(shape),
-        "dataset": str(meta["dataset"]),
-        "binarize": params.binarize,
-    }
+    config = model_config(params, shape, str(meta["dataset"]))
+    check_model(params, shape)
     state = resume_state(params, paths.model, config)
     if min(params.batch_size, len(train_u8)) % size:
         raise UsageError(
             f"train.batch_size = {params.batch_size} (global) does not split evenly over {size} processes; "
             f"use a multiple of {size}"
         )
-    loop = make_loop(params, train_u8, device)
+    loop = make_loop(params, config, train_u8, device)
     if state is not None:
         loop.model.load_state_dict(state["model"])
         loop.opt.load_state_dict(state["optimizer"])
 
     fixed = torch.Generator(device=device).manual_seed(params.seed)
     # Validation targets are drawn once, so the val curve compares epochs on the same binarized images.
-    val_x = scale(val_u8.to(device), params.binarize, fixed)
-    z_fixed = torch.randn(GRID * GRID, params.latent_dim, generator=fixed, device=device)
+    val_x = scale(val_u8.to(device), config["binarize"], fixed)
+    z_fixed = torch.randn(GRID * GRID, params.latent_dim, generator=fixed, device=device)  # see figures
     shown = val_x[: GRID * GRID // 2]
     curve: list[dict[str, float]] = list(state["curve"]) if state else []
     start = int(state["epoch"]) if state else 0
@@ -255,12 +251,28 @@ def _run(params: TrainParams, paths: Paths) -> dict[str, Any]:
     return summary
 
 
+def check_model(params: TrainParams, shape: tuple[int, ...]) -> None:
+    """Refuse part choices the data cannot take, before any work."""
+    if params.arch == "conv" and min(shape[1:]) < 2 ** len(params.channels):
+        raise UsageError(
+            f"train.arch = conv pools {len(params.channels)} times (train.channels = {params.channels}), "
+            f"too often for {shape[1]}×{shape[2]} images; use fewer train.channels or arch resnet"
+        )
+    if params.binarize and params.likelihood != "bernoulli":
+        log(
+            f"train.binarize applies to the bernoulli likelihood; {params.likelihood} models the 8-bit pixels"
+        )
+
+
 def _start_run(params: TrainParams, state: dict[str, Any] | None, tags: dict[str, str]) -> Any:
     import mlflow
 
     experiment_id = tracking.setup(params.experiment)
     if state is None:
-        name = tracking.run_name(params.arch, params.latent_dim, tags["dataset"], params.epochs)
+        parts = tuple(
+            v for v, default in ((params.prior, "normal"), (params.likelihood, "bernoulli")) if v != default
+        )
+        name = tracking.run_name(params.arch, params.latent_dim, tags["dataset"], params.epochs, parts)
         return mlflow.start_run(experiment_id=experiment_id, run_name=name, tags=tracking.run_tags(tags))
     tracking.require_run(state["run_id"])  # in this store, not deleted (else one line: how to restore)
     return mlflow.start_run(run_id=state["run_id"])
@@ -268,9 +280,12 @@ def _start_run(params: TrainParams, state: dict[str, Any] | None, tags: dict[str
 
 @torch.no_grad()
 def figures(model: VAE, z: Tensor, images: Tensor) -> tuple[np.ndarray, np.ndarray]:
-    """(8×8 samples decoded from the fixed z, fixed val images in rows above their reconstructions)."""
+    """(8×8 samples, fixed val images in rows above their reconstructions). The samples decode z from
+    the prior: N(0, I) is fixed noise; a learned prior maps the same noise through its components."""
     model.eval()
-    samples = model.decode(z).float().cpu().numpy()
+    mu_k, logvar_k = model.prior.components(model.encode)
+    pick = torch.arange(len(z), device=z.device) % len(mu_k)
+    samples = model.decode(mu_k[pick] + z * torch.exp(0.5 * logvar_k[pick])).float().cpu().numpy()
     mu, _ = model.encode(images)
     recon = model.decode(mu).float()
     model.train()

@@ -9,8 +9,8 @@ import torch.distributed as dist
 from torch import Tensor
 
 from vaeops.config import TrainParams
+from vaeops.device import resolve_device
 from vaeops.errors import UsageError
-from vaeops.models import resolve_device
 from vaeops.progress import log
 
 

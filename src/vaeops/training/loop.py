@@ -23,8 +23,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from vaeops.config import TrainParams
-from vaeops.losses import elbo_terms
-from vaeops.models import VAE, build_model
+from vaeops.model.vae import VAE, build_model, objective
 from vaeops.training.distributed import all_sum, world
 from vaeops.training.signals import StopFlag
 
@@ -40,6 +39,7 @@ class Loop:
     opt: torch.optim.Optimizer
     data: Tensor  # uint8 N×C×H×W, on the training device
     forward: Any = None  # the model, or its torch.compile'd wrapper
+    binarize: bool = False  # the model config's: binarization is for a Bernoulli only
     autocast: Any = field(default_factory=nullcontext)
     stop: StopFlag = field(default_factory=StopFlag)
 
@@ -51,10 +51,11 @@ class Loop:
         self.steps = max(1, len(self.data) // self.batch)
 
 
-def make_loop(params: TrainParams, data: Tensor, device: torch.device) -> Loop:
+def make_loop(params: TrainParams, config: dict[str, Any], data: Tensor, device: torch.device) -> Loop:
+    """config: the model config (`model_config`), which the checkpoint stores too."""
     cuda = device.type == "cuda"
     torch.manual_seed(params.seed)
-    model = build_model(params.arch, tuple(data.shape[1:]), params.latent_dim, params.hidden_dim).to(device)
+    model = build_model(config).to(device)
     net: torch.nn.Module = model
     if world()[1] > 1:
         # Batch statistics over the global batch, as one process would see them. SyncBatchNorm runs
@@ -68,6 +69,7 @@ def make_loop(params: TrainParams, data: Tensor, device: torch.device) -> Loop:
         make_optimizer(params, model),
         data.to(device),
         forward=torch.compile(net) if params.compile and cuda else net,
+        binarize=config["binarize"],
         # bf16 autocast: GEMMs in bfloat16 with fp32 accumulation (GPUs; CPUs with AVX512-BF16 or AMX).
         autocast=torch.autocast(device.type, dtype=torch.bfloat16) if params.bf16 else nullcontext(),
     )
@@ -127,6 +129,7 @@ def train_epoch(loop: Loop, epoch: int, bar: Any = None) -> dict[str, Any]:
     rank, size = world()
     mine = slice(rank * bs // size, (rank + 1) * bs // size)  # this rank's rows of each global batch
     total_steps, kl_warmup_steps = loop.steps * p.epochs, loop.steps * p.kl_warmup_epochs
+    k = p.iwae_k if p.objective == "iwae" else 1  # samples of z per image
     # Checking finiteness reads the loss back: free on CPU, a sync on a GPU, so only now and then there.
     check_every = p.log_every_steps if device.type == "cuda" else 1
     torch.manual_seed(epoch_seed(p.seed, epoch))
@@ -143,15 +146,15 @@ def train_epoch(loop: Loop, epoch: int, bar: Any = None) -> dict[str, Any]:
         for group in opt.param_groups:
             group["lr"] = lr
         # Every rank draws the whole global batch's binarization and noise, then keeps its rows.
-        x = scale(loop.data[perm[i * bs : (i + 1) * bs]], p.binarize, gen)[mine]
-        eps = torch.randn(bs, p.latent_dim, device=device)[mine]
+        x = scale(loop.data[perm[i * bs : (i + 1) * bs]], loop.binarize, gen)[mine]
+        eps = torch.randn(k, bs, p.latent_dim, device=device)[:, mine]
         with loop.autocast:
-            logits, mu, logvar = loop.forward(x, eps)
-        recon, kl = elbo_terms(logits.float(), x, mu.float(), logvar.float())
+            out, mu, logvar, z = loop.forward(x, eps)
+        recon, kl = loop.model.terms(x, out, mu, logvar, z, analytic_kl=p.objective == "elbo")
         # Mean over the batch of the per-image loss, so the learning rate does not scale with batch size
         # (DDP averages the ranks' gradients of their equal shares: the global batch's mean). "sum" is
         # that mean times the global batch, on every rank alike: the article's batch sum.
-        loss = (recon + beta_at(step, kl_warmup_steps, p.beta) * kl).mean()
+        loss = objective(recon, kl, p.objective, beta_at(step, kl_warmup_steps, p.beta)).mean()
         checked = (i + 1) % check_every == 0
         logged = (step + 1) % p.log_every_steps == 0
         if checked or logged:
@@ -165,7 +168,7 @@ def train_epoch(loop: Loop, epoch: int, bar: Any = None) -> dict[str, Any]:
             torch.nn.utils.clip_grad_norm_(model.parameters(), p.grad_clip)
         opt.step()
         loop.stop.check()
-        sums += torch.stack([recon.sum(), kl.sum()]).detach()
+        sums += torch.stack([recon.mean(0).sum(), kl.mean(0).sum()]).detach()
         if logged:
             step_losses.append((step + 1, loss_all))
         if task is not None and i % 20 == 0:
@@ -197,9 +200,10 @@ def evaluate(model: VAE, x: Tensor, autocast: Any) -> tuple[float, float]:
     sums = torch.zeros(2, device=x.device, dtype=torch.float64)
     for i in range(0, len(x), VAL_BATCH):
         xb = x[i : i + VAL_BATCH]
+        eps = torch.randn(1, len(xb), model.latent_dim, device=x.device)
         with autocast:
-            logits, mu, logvar = model(xb)
-        recon, kl = elbo_terms(logits.float(), xb, mu.float(), logvar.float())
+            out, mu, logvar, z = model(xb, eps)
+        recon, kl = model.terms(xb, out, mu, logvar, z)
         sums += torch.stack([recon.sum(), kl.sum()]).double()
     model.train(was_training)
     recon, kl = (sums / len(x)).tolist()

@@ -5,7 +5,7 @@ from typing import Any
 
 from vaeops.config import TrainParams
 from vaeops.errors import UsageError
-from vaeops.models import load_checkpoint
+from vaeops.model.checkpoint import load_checkpoint
 from vaeops.progress import log
 
 # Params that do not change the trained weights may differ between a run and its resumption.

@@ -1,0 +1,1 @@
+"""What evaluate computes: the importance-weighted bound."""

@@ -1,0 +1,1 @@
+"""The model core: archs, likelihoods and priors as parts (each a registry), assembled in vae.py."""

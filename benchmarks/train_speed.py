@@ -3,15 +3,18 @@
 (a) baseline: pytorch/examples vae/main.py — torchvision MNIST + ToTensor through a DataLoader
     (batch 128, shuffle), sigmoid decoder output, BCE summed, loss.item() every step.
 (b) ours: vaeops.training.loop.train_epoch — the split as one uint8 tensor, seeded permutation,
-    whole-batch scaling, BCE-with-logits, sums kept on the device.
+    whole-batch scaling (and dynamic binarization, the default), BCE-with-logits, sums kept on the
+    device.
 (c) with --bf16: (b) under train.bf16, bf16 autocast on the CPU (pays off with AVX512-BF16 or AMX).
 
-Both train the same models (vaeops MLPVAE / ConvVAE) with Adam at batch 128 on the processed train
-split. Each is warmed up on a few batches, then the two are timed alternately, whole epochs each
-(conv over a subset: a full conv epoch takes minutes on 2 cores); the table shows each loop's best
-epoch, the least disturbed by other work on a shared machine, and lists every epoch.
+Both train the same models (vaeops' mlp / conv archs, Bernoulli likelihood, N(0, I) prior) with Adam
+at batch 128 on the processed train split; --parts switches (b) and (c) to other parts, e.g.
+`--parts likelihood=logistic,prior=vamp,objective=iwae`, to see what a part costs. Each is warmed
+up on a few batches, then the loops are timed alternately, whole epochs each (conv over a subset: a
+full conv epoch takes minutes on 2 cores); the table shows each loop's best epoch, the least
+disturbed by other work on a shared machine, and lists every epoch.
 
-    .venv/bin/python benchmarks/train_speed.py [--epochs 3] [--conv-images 10000]
+    .venv/bin/python benchmarks/train_speed.py [--epochs 3] [--conv-images 10000] [--parts k=v,...]
 """
 
 import argparse
@@ -26,7 +29,7 @@ import torch
 from torch.nn import functional as F
 
 from vaeops.config import TrainParams
-from vaeops.models import build_model
+from vaeops.model.vae import build_model, model_config
 from vaeops.stages.preprocess import load_split
 from vaeops.training.loop import make_loop, train_epoch
 
@@ -53,8 +56,8 @@ def baseline_epoch(model, opt, loader) -> int:
     train_loss, seen = 0.0, 0
     for data, _ in loader:
         opt.zero_grad()
-        logits, mu, logvar = model(data)
-        recon = torch.sigmoid(logits)
+        out, mu, logvar, _ = model(data, torch.randn(1, len(data), model.latent_dim))
+        recon = torch.sigmoid(out[0])
         bce = F.binary_cross_entropy(recon.flatten(1), data.flatten(1), reduction="sum")
         kld = -0.5 * torch.sum(1 + logvar - mu.pow(2) - logvar.exp())
         loss = bce + kld
@@ -70,17 +73,21 @@ def baseline(arch: str, ds) -> Callable[[], int]:
     from torch.utils.data import DataLoader
 
     torch.manual_seed(0)
-    model = build_model(arch, (1, 28, 28), 20, 400)
+    model = build_model(model_config(TrainParams(arch=arch), (1, 28, 28), "mnist"))
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
     baseline_epoch(model, opt, DataLoader(torch.utils.data.Subset(ds, range(128 * 5)), batch_size=128))
     loader = DataLoader(ds, batch_size=128, shuffle=True)
     return lambda: baseline_epoch(model, opt, loader)
 
 
-def ours(arch: str, images: torch.Tensor, epochs: int, bf16: bool = False) -> Callable[[], int]:
-    """vaeops' loop with the default params, warmed up; the returned function trains one epoch."""
-    params = TrainParams(arch=arch, epochs=epochs + 1, device="cpu", bf16=bf16)
-    loop = make_loop(params, images[: 128 * 5], torch.device("cpu"))
+def ours(
+    arch: str, images: torch.Tensor, epochs: int, bf16: bool = False, parts: dict[str, str] | None = None
+) -> Callable[[], int]:
+    """vaeops' loop with the default params (and `parts`), warmed up; the returned function trains one
+    epoch."""
+    params = TrainParams(arch=arch, epochs=epochs + 1, device="cpu", bf16=bf16, **(parts or {}))
+    config = model_config(params, tuple(images.shape[1:]), "mnist")
+    loop = make_loop(params, config, images[: 128 * 5], torch.device("cpu"))
     train_epoch(loop, 1)  # warm-up on a few batches, like the baseline
     loop.data = images
     loop.__post_init__()
@@ -115,7 +122,9 @@ def main() -> None:
     ap.add_argument("--archs", default="mlp,conv")
     ap.add_argument("--bf16", action="store_true", help="add (c): ours with train.bf16 (CPU autocast)")
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads for both loops (0 = default)")
+    ap.add_argument("--parts", default="", help="train params for (b) and (c), e.g. prior=vamp,iwae_k=5")
     args = ap.parse_args()
+    parts = dict(item.split("=", 1) for item in args.parts.split(",") if item)
     if args.threads:
         torch.set_num_threads(args.threads)
 
@@ -127,9 +136,9 @@ def main() -> None:
         for arch in args.archs.split(","):
             n = len(images) if arch == "mlp" else min(args.conv_images, len(images))
             ds = torchvision_mnist(images[:n], labels[:n], args.raw, Path(tmp) / arch)
-            loops = {"a": baseline(arch, ds), "b": ours(arch, images[:n], args.epochs)}
+            loops = {"a": baseline(arch, ds), "b": ours(arch, images[:n], args.epochs, parts=parts)}
             if args.bf16:
-                loops["c"] = ours(arch, images[:n], args.epochs, bf16=True)
+                loops["c"] = ours(arch, images[:n], args.epochs, bf16=True, parts=parts)
             # Alternate the loops epoch by epoch, so a burst of load elsewhere on a shared machine hits
             # each of them; the best epoch of each is its least disturbed measurement.
             times: dict[str, list[tuple[float, int]]] = {k: [] for k in loops}

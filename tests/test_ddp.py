@@ -13,7 +13,7 @@ import yaml
 from conftest import ROOT, isolate_mlflow, run_cli
 
 from vaeops import tracking
-from vaeops.models import load_checkpoint, model_from_checkpoint
+from vaeops.model.checkpoint import load_checkpoint, model_from_checkpoint
 
 # Float sums are reduced in another order (per-rank partial sums, then gloo's all-reduce), so the
 # runs agree to rounding, not bit for bit; measured differences are ~1e-6 relative.
@@ -35,11 +35,12 @@ def write_data(folder: Path, n_train: int = 512, n_val: int = 128) -> None:
     (folder / "meta.json").write_text(json.dumps({"dataset": "mnist", "image_shape": [1, 28, 28]}))
 
 
-def train_cli(folder: Path, nproc: int, tag: str) -> dict[str, Path]:
+def train_cli(folder: Path, nproc: int, tag: str, **parts) -> dict[str, Path]:
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
     params["train"].update(
         arch="mlp", latent_dim=8, hidden_dim=64, epochs=2, batch_size=64, binarize=True, lr=5e-3
     )
+    params["train"].update(parts)
     params["train"].update(lr_warmup_steps=4, threads=1, device="cpu", log_every_steps=4, nproc=nproc)
     (folder / f"{tag}.yaml").write_text(yaml.safe_dump(params))
     out = {k: folder / tag / v for k, v in (("model", "vae.pt"), ("curve", "curve.csv"))}
@@ -55,12 +56,18 @@ def curve(path: Path) -> list[dict[str, float]]:
         return [{k: float(row[k]) for k in TERMS} for row in csv.DictReader(f)]
 
 
+# The article's parts, and a learned prior trained by IWAE: the pseudo-inputs go through the encoder
+# outside DDP's forward, yet their gradient must be averaged over the ranks like every other.
+PARTS = [{}, {"prior": "vamp", "prior_components": 4, "objective": "iwae", "iwae_k": 3}]
+
+
 @pytest.mark.slow
-def test_two_processes_follow_one_process_and_only_rank_0_records(tmp_path, monkeypatch):
+@pytest.mark.parametrize("parts", PARTS, ids=["article", "vamp-iwae"])
+def test_two_processes_follow_one_process_and_only_rank_0_records(tmp_path, monkeypatch, parts):
     isolate_mlflow(monkeypatch, tmp_path)
     write_data(tmp_path / "data/processed")
-    one = train_cli(tmp_path, 1, "one")
-    two = train_cli(tmp_path, 2, "two")
+    one = train_cli(tmp_path, 1, "one", **parts)
+    two = train_cli(tmp_path, 2, "two", **parts)
 
     a, b = curve(one["curve"]), curve(two["curve"])
     assert len(a) == len(b) == 2

@@ -43,7 +43,7 @@ def shapes(folder: Path, n: int = 60, seed: int = 0) -> None:
                 image[mask] = (220, 30, 30)
             else:
                 image[:, w // 3 : w // 2] = (20, 40, 230)
-            image = np.clip(image + rng.integers(-15, 16, image.shape), 0, 255).astype(np.uint8)
+            image = np.clip(image + rng.integers(-3, 4, image.shape), 0, 255).astype(np.uint8)
             Image.fromarray(image).save(folder / name / f"{i}.png")
 
 
@@ -63,10 +63,12 @@ def repro(proj: Path, params: dict, mirror: Path | None) -> None:
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
 
 
-def sample(proj: Path, n: int = 8) -> np.ndarray:
+def sampled_colour(proj: Path, n: int = 8) -> bool:
+    """Run the torch-free sampler; whether its grid has colour (grey grids repeat one channel)."""
     res = run_cli("sample", "-n", str(n), "--out", "s.png", cwd=proj)
     assert res.returncode == 0, res.stderr
-    return np.asarray(Image.open(proj / "s.png"))
+    image = np.asarray(Image.open(proj / "s.png").convert("RGB")).astype(int)
+    return bool(np.abs(image - image[..., :1]).max() > 0)
 
 
 def test_own_rgb_images_resnet_logistic(tmp_path):
@@ -75,18 +77,24 @@ def test_own_rgb_images_resnet_logistic(tmp_path):
     params = {
         "data": {"dataset": "folder", "path": str(tmp_path / "images"), "image_size": 16, "channels": 3},
         "preprocess": {"val_size": 20, "test_size": 20, "train_limit": 0},
-        "train": {"arch": "resnet", "channels": [8, 16], "likelihood": "logistic", "logistic_components": 2},
+        "train": {
+            "arch": "resnet",
+            "channels": [8, 16],
+            "likelihood": "logistic",
+            "logistic_components": 2,
+            "epochs": 15,
+            "batch_size": 16,
+        },
     }
     repro(proj, merge(SMALL, params), None)
     metrics = json.loads((proj / "reports/metrics.json").read_text())["test"]
     # A normalized likelihood of 8-bit RGB: log p(x) and bits/dim are reported, and bits/dim is
     # −log p(x) over 3·16·16 dims in bits.
     assert metrics["bpd"] == pytest.approx(-metrics["log_px_iwae"] / (3 * 16 * 16 * np.log(2)), rel=1e-3)
-    assert 0 < metrics["bpd"] < 8  # below the 8 bits of a uniform model of 8-bit pixels
+    assert 0 < metrics["bpd"] < 8  # trained: below the 8 bits of a uniform model of 8-bit pixels
     meta = json.loads((proj / "data/processed/meta.json").read_text())
     assert meta["classes"] == ["bars", "discs"] and meta["image_shape"] == [3, 16, 16]
-    image = sample(proj)
-    assert image.ndim == 3 and image.shape[2] == 3  # an RGB grid
+    assert sampled_colour(proj)
 
 
 @pytest.mark.skipif(not (SHARED / "mnist").exists(), reason="../shared/datasets/mnist absent")
@@ -106,7 +114,7 @@ def test_grey_mnist_continuous_bernoulli_vamp_iwae(tmp_path):
     assert {"elbo", "log_px_iwae", "bpd"} <= metrics.keys() and "bce" not in metrics
     # A density on [0, 1]: log p(x) may be positive; the IWAE bound is at least the ELBO on average.
     assert metrics["log_px_iwae"] > metrics["elbo_iwae_images"] - 1.0
-    assert sample(proj).ndim == 2  # grey
+    assert not sampled_colour(proj)
 
 
 FASHION = next(
@@ -121,4 +129,4 @@ def test_fashion_mnist_through_every_stage(tmp_path):
     by_class = json.loads((proj / "reports/elbo_by_class.json").read_text())
     assert "Ankle boot" in json.dumps(by_class)
     assert (proj / "models/decoder.onnx").is_file() and (proj / "models/prior.onnx").is_file()
-    assert sample(proj).ndim == 2
+    assert not sampled_colour(proj)

@@ -19,7 +19,7 @@ from conftest import ROOT, SHARED, isolate_mlflow, run_cli, write_processed
 
 from vaeops import tracking
 from vaeops.io import atomic_path, remove_dead_temp_files
-from vaeops.models import load_checkpoint
+from vaeops.model.checkpoint import load_checkpoint
 from vaeops.training.signals import Interrupted, StopFlag
 
 EPOCHS = 6
@@ -83,16 +83,18 @@ def stop_line(name: str) -> str:
     )
 
 
-@pytest.mark.slow
-def test_sigterm_stops_between_steps_marks_the_run_killed_and_resume_finishes_it(project):
+def stop_training(project: Path, signum: signal.Signals) -> tuple[subprocess.Popen, dict]:
+    """Send `signum` to a training in epoch 2 and check what every stop signal must leave: exit
+    128 + signum, one `interrupted` line naming it, the checkpoint of a finished epoch, the MLflow run
+    KILLED by its own process, no temp files. Returns the process and the checkpoint."""
     proc = start_training(project)
-    proc.send_signal(signal.SIGTERM)
+    proc.send_signal(signum)
     _, err = proc.communicate(timeout=120)
 
-    assert proc.returncode == 128 + signal.SIGTERM, err
+    assert proc.returncode == 128 + signum, err
     assert "Traceback" not in err
     lines = err.strip().splitlines()
-    assert lines[-1] == stop_line("SIGTERM")
+    assert lines[-1] == stop_line(signum.name)
     assert sum(line.startswith("interrupted") for line in lines) == 1
     state = load_checkpoint(project / "models/vae.pt")
     assert 1 <= state["epoch"] < EPOCHS
@@ -100,12 +102,19 @@ def test_sigterm_stops_between_steps_marks_the_run_killed_and_resume_finishes_it
     assert run.info.run_id == state["run_id"]
     assert run.info.status == "KILLED"
     assert run.data.tags["vaeops.pid"] == str(proc.pid)
-    assert run.data.tags["vaeops.host"] == socket.gethostname()
     assert "vaeops.stale" not in run.data.tags  # closed by its own process, not found orphaned
+    assert temp_files(project) == []
+    return proc, state
+
+
+@pytest.mark.slow
+def test_sigterm_stops_between_steps_marks_the_run_killed_and_resume_finishes_it(project):
+    proc, state = stop_training(project, signal.SIGTERM)
+    run = run_of(project)
+    assert run.data.tags["vaeops.host"] == socket.gethostname()
     # Every epoch the checkpoint holds was logged before it was saved.
     history = mlflow.MlflowClient().get_metric_history(run.info.run_id, "val/elbo")
     assert set(range(1, state["epoch"] + 1)) <= {m.step for m in history}
-    assert temp_files(project) == []
 
     res = run_cli("train", cwd=project, env=ENV | {"VAEOPS_TRAIN__RESUME": "true"})
     assert res.returncode == 0, res.stderr
@@ -120,14 +129,7 @@ def test_sigterm_stops_between_steps_marks_the_run_killed_and_resume_finishes_it
 
 @pytest.mark.slow
 def test_sighup_stops_like_ctrl_c_with_exit_129(project):
-    proc = start_training(project)
-    proc.send_signal(signal.SIGHUP)
-    _, err = proc.communicate(timeout=120)
-
-    assert proc.returncode == 128 + signal.SIGHUP, err
-    assert err.strip().splitlines()[-1] == stop_line("SIGHUP") and "Traceback" not in err
-    assert run_of(project).info.status == "KILLED"
-    assert 1 <= load_checkpoint(project / "models/vae.pt")["epoch"] < EPOCHS
+    stop_training(project, signal.SIGHUP)
 
 
 @pytest.mark.slow

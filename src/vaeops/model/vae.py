@@ -51,6 +51,20 @@ class VAE(nn.Module):
     def encode(self, x: Tensor) -> tuple[Tensor, Tensor]:
         return self.encoder(x)
 
+    def encode_pseudo(self, u: Tensor) -> tuple[Tensor, Tensor]:
+        """Encode a prior's pseudo-inputs (VampPrior). BatchNorm runs in eval mode here: the
+        pseudo-inputs must neither skew the data's running statistics nor be a batch of their own
+        (a single pseudo-input cannot be batch-normalized)."""
+        norms = [m for m in self.encoder.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+        modes = [m.training for m in norms]
+        for m in norms:
+            m.eval()
+        try:
+            return self.encoder(u)
+        finally:
+            for m, mode in zip(norms, modes, strict=True):
+                m.train(mode)
+
     def decode(self, z: Tensor) -> Tensor:
         """The likelihood's mean image in [0, 1]: what pictures, export and the sampler show."""
         return self.likelihood.mean(self.decoder(z).float())
@@ -71,13 +85,13 @@ class VAE(nn.Module):
         recon = self.likelihood.nll(out.float(), x)
         mu, logvar, z = mu.float(), logvar.float(), z.float()
         if analytic_kl and isinstance(self.prior, PRIORS["normal"]):
-            kl = self.prior.kl(mu, logvar, z, self.encode).expand_as(recon)
+            kl = self.prior.kl(mu, logvar, z, self.encode_pseudo).expand_as(recon)
         else:
-            kl = log_normal(z, mu, logvar) - self.prior.log_prob(z, self.encode)
+            kl = log_normal(z, mu, logvar) - self.prior.log_prob(z, self.encode_pseudo)
         return recon, kl
 
     def sample(self, n: int, generator: torch.Generator | None = None) -> Tensor:
-        return self.decode(self.prior.sample(n, self.encode, generator))
+        return self.decode(self.prior.sample(n, self.encode_pseudo, generator))
 
     def normalized(self, binary_targets: bool) -> bool:
         """Whether −recon is a log-likelihood of the data, so that log p(x) and bits/dim exist."""

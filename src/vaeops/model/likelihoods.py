@@ -19,6 +19,11 @@ class Likelihood:
     def __init__(self, channels: int) -> None:
         self.channels = channels
 
+    @classmethod
+    def from_config(cls, channels: int, config: dict) -> "Likelihood":
+        """Built from the model config: a likelihood with params of its own reads them here."""
+        return cls(channels)
+
     def nll(self, out: Tensor, x: Tensor) -> Tensor:
         raise NotImplementedError
 
@@ -34,8 +39,8 @@ class Bernoulli(Likelihood):
     likelihood (it does not sum to 1 over [0, 1]), so evaluate reports it as BCE there."""
 
     def nll(self, out: Tensor, x: Tensor) -> Tensor:
-        # BCE with logits, written out so `out` may broadcast over IWAE samples: softplus(l) − x·l.
-        return (F.softplus(out) - x * out).sum((-3, -2, -1))
+        out, x = torch.broadcast_tensors(out, x)  # views: IWAE samples share x without copying it
+        return F.binary_cross_entropy_with_logits(out, x, reduction="none").sum((-3, -2, -1))
 
     def mean(self, out: Tensor) -> Tensor:
         return torch.sigmoid(out)
@@ -82,6 +87,10 @@ class DiscretizedLogistic(Likelihood):
         super().__init__(channels)
         self.k = components
         self.params_per_channel = 3 * components  # mixture logits, means, log-scales
+
+    @classmethod
+    def from_config(cls, channels: int, config: dict) -> "Likelihood":
+        return cls(channels, config["logistic_components"])
 
     def _split(self, out: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         *lead, _, h, w = out.shape

@@ -34,6 +34,8 @@ def log_mixture(z: Tensor, mu: Tensor, logvar: Tensor) -> Tensor:
 class NormalPrior(nn.Module):
     """N(0, I), the article's prior; its KL to q(z|x) is analytic."""
 
+    analytic_kl = True  # `kl` is exact; the others estimate it from the sample z
+
     def __init__(self, latent_dim: int, image_shape: tuple[int, int, int], components: int) -> None:
         super().__init__()
         # Not saved: it only tells which device and dtype the prior lives on.
@@ -55,6 +57,8 @@ class NormalPrior(nn.Module):
 class VampPrior(nn.Module):
     """Tomczak & Welling 2018: p(z) = (1/K) Σ_k q(z | u_k), K learned pseudo-images u_k. The KL has no
     closed form, so the ELBO uses its one-sample Monte Carlo estimate log q(z|x) − log p(z)."""
+
+    analytic_kl = False
 
     def __init__(self, latent_dim: int, image_shape: tuple[int, int, int], components: int) -> None:
         super().__init__()

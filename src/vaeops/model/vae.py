@@ -38,12 +38,7 @@ class VAE(nn.Module):
         self.config = dict(config)
         shape = tuple(config["image_shape"])
         self.image_shape, self.latent_dim = shape, config["latent_dim"]
-        likelihood = LIKELIHOODS[config["likelihood"]]
-        self.likelihood = (
-            likelihood(shape[0], config["logistic_components"])
-            if config["likelihood"] == "logistic"
-            else likelihood(shape[0])
-        )
+        self.likelihood = LIKELIHOODS[config["likelihood"]].from_config(shape[0], config)
         out_channels = shape[0] * self.likelihood.params_per_channel
         self.encoder, self.decoder = ARCHS[config["arch"]](shape, self.latent_dim, out_channels, config)
         self.prior = PRIORS[config["prior"]](self.latent_dim, shape, config["prior_components"])
@@ -84,7 +79,7 @@ class VAE(nn.Module):
         or the analytic KL where the prior has one and `analytic_kl` (the ELBO's lower-variance form)."""
         recon = self.likelihood.nll(out.float(), x)
         mu, logvar, z = mu.float(), logvar.float(), z.float()
-        if analytic_kl and isinstance(self.prior, PRIORS["normal"]):
+        if analytic_kl and self.prior.analytic_kl:
             kl = self.prior.kl(mu, logvar, z, self.encode_pseudo).expand_as(recon)
         else:
             kl = log_normal(z, mu, logvar) - self.prior.log_prob(z, self.encode_pseudo)

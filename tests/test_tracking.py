@@ -152,7 +152,9 @@ def test_description_summarises_the_run(finished_run):
     client = mlflow.MlflowClient()
     tracking.describe(finished_run)
     text = client.get_run(finished_run).data.tags["mlflow.note.content"]
-    assert text.startswith("**mlp VAE**, z = 20, trained on mnist (256 images) for 3 epochs.")
+    assert text.startswith(
+        "**mlp VAE**, bernoulli likelihood, normal prior, z = 20, trained on mnist (256 images) for 3 epochs."
+    )
     # Only what differs from the defaults in vaeops.config.
     assert "Changed from the defaults: `train.epochs` = 3, `train.batch_size` = 64." in text
     assert "\n\nVal ELBO -101.50 at the last epoch.\n\n" in text

@@ -739,7 +739,8 @@ ROWS = [
                 180,
             ),
             ("truncated-train", "train", 2, cut("mlruns.db", 0.3), {}, "malformed", "", 180),
-            ("store-is-folder", "train", 2, to_folder("mlruns.db"), {}, "is not a file", "", 20),
+            # Well under MLflow's minutes of retries, with room for a slow start on a busy machine.
+            ("store-is-folder", "train", 2, to_folder("mlruns.db"), {}, "is not a file", "", 60),
             (
                 "lock-is-folder",
                 "train",

@@ -31,18 +31,23 @@ def session_options() -> ort.SessionOptions:
     return opts
 
 
-def load_decoder(path: Path) -> ort.InferenceSession:
-    if path.is_dir():
-        raise UsageError(f"{path}: is a folder; name the decoder's .onnx file")
-    if not path.is_file():
-        raise UsageError(f"{path}: decoder not found; run `vaeops export` (or `dvc repro export`) first")
+def open_session(path: Path) -> ort.InferenceSession:
+    """An onnxruntime session on the CPU; a file onnxruntime cannot load is one line naming it."""
     try:
-        session = ort.InferenceSession(
+        return ort.InferenceSession(
             str(path), sess_options=session_options(), providers=["CPUExecutionProvider"]
         )
     except Exception as e:
         reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
         raise UsageError(f"{path}: not a loadable ONNX model ({reason})") from None
+
+
+def load_decoder(path: Path) -> ort.InferenceSession:
+    if path.is_dir():
+        raise UsageError(f"{path}: is a folder; name the decoder's .onnx file")
+    if not path.is_file():
+        raise UsageError(f"{path}: decoder not found; run `vaeops export` (or `dvc repro export`) first")
+    session = open_session(path)
     inputs, outputs = session.get_inputs(), session.get_outputs()
     if len(inputs) != 1 or len(inputs[0].shape) != 2 or not isinstance(inputs[0].shape[1], int):
         shapes = [(i.name, i.shape) for i in inputs]
@@ -68,13 +73,7 @@ def load_prior(decoder: Path, latent_dim: int) -> ort.InferenceSession:
             f"{path}: the model's prior is missing next to {decoder.name} (exported by an older vaeops?); "
             "rerun `vaeops export` (or `dvc repro export`), or decode given latents with --z-file"
         )
-    try:
-        session = ort.InferenceSession(
-            str(path), sess_options=session_options(), providers=["CPUExecutionProvider"]
-        )
-    except Exception as e:
-        reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
-        raise UsageError(f"{path}: not a loadable ONNX model ({reason})") from None
+    session = open_session(path)
     got = {i.name: (i.type, i.shape[1:]) for i in session.get_inputs()}
     outputs = [(o.name, o.type, o.shape[1:]) for o in session.get_outputs()]
     want = {"eps": ("tensor(float)", [latent_dim]), "u": ("tensor(float)", [])}

@@ -4,7 +4,9 @@ Each command imports its stage module (and with it torch, mlflow, onnx) only whe
 `vaeops --help` stays fast.
 """
 
+import atexit
 import errno
+import gc
 import logging
 import os
 import sys
@@ -24,6 +26,11 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 
+# At exit, Python's last garbage collections walk every object that torch, MLflow and onnx created,
+# which takes as long as a small stage's work; frozen objects are skipped (the process's memory goes
+# back to the system anyway). Registered before those libraries load, so their exit handlers run first.
+atexit.register(gc.freeze)
+
 ParamsFile = Annotated[Path, typer.Option("--params", help="params file (YAML, one section per stage)")]
 PARAMS = Path("params.yaml")
 
@@ -35,10 +42,12 @@ def download(
 ) -> None:
     """Fetch the dataset's files (mirror, system folder, public mirrors) and verify them."""
     from vaeops.config import load_params
+    from vaeops.progress import work
     from vaeops.stages import download
 
     data = load_params(params_file).data
-    download.run(data, out / data.dataset)
+    with work("download"):
+        download.run(data, out / data.dataset)
 
 
 @app.command()
@@ -50,10 +59,12 @@ def preprocess(
 ) -> None:
     """Validate the source files, split off seeded validation (and test) sets, store uint8 arrays."""
     from vaeops.config import load_params
+    from vaeops.progress import work
     from vaeops.stages import preprocess
 
     p = load_params(params_file)
-    preprocess.run(p.data, p.preprocess, raw / p.data.dataset, out, report)
+    with work("preprocess"):
+        preprocess.run(p.data, p.preprocess, raw / p.data.dataset, out, report)
 
 
 @app.command()

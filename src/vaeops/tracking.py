@@ -16,11 +16,12 @@ import subprocess
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
-
-import numpy as np
+from typing import TYPE_CHECKING, Any
 
 from vaeops.errors import UsageError, WorkError
+
+if TYPE_CHECKING:
+    import numpy as np
 
 STORE_DB = "mlruns.db"
 ARTIFACTS = "mlartifacts"
@@ -179,7 +180,7 @@ def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def log_image(image: np.ndarray, artifact_file: str) -> None:
+def log_image(image: "np.ndarray", artifact_file: str) -> None:
     """Log an H×W×3 uint8 array as a PNG artifact of the active run."""
     import mlflow
 
@@ -344,7 +345,7 @@ def describe(run_id: str) -> None:
             f"test loss (BCE + KL, not a likelihood) **{metrics['test.loss']:.2f}** nats per image"
         )
     if "test.log_px_iwae" in metrics:
-        k, n = p("evaluate.iwae_samples"), p("evaluate.iwae_images")
+        k, n = p("evaluate.iwae_samples"), p("evaluate.iwae_scored_images")
         results.append(f"IWAE log p(x) ≥ {metrics['test.log_px_iwae']:.2f} (k = {k} on {n} images)")
     if "val/elbo" in metrics:
         results.append(f"val ELBO {metrics['val/elbo']:.2f} at the last epoch")

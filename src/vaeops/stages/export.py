@@ -41,7 +41,7 @@ from vaeops.errors import UsageError, WorkError
 from vaeops.io import atomic_path, write_json
 from vaeops.model.checkpoint import model_from_checkpoint, read_checkpoint
 from vaeops.model.vae import VAE
-from vaeops.progress import log
+from vaeops.progress import log, work
 
 EXAMPLE_BATCH = 4
 SHAPE_CHECK_BATCHES = (1, 3, 257)
@@ -512,7 +512,8 @@ def run(
             "opset": params.opset,
             "created_by": f"vaeops {importlib.metadata.version('vaeops')}",
         }
-        models, report = export_and_check(model, params, common_meta)
+        with work("export"):
+            models, report = export_and_check(model, params, common_meta)
 
         # The models are the bytes read above: if a training replaced them meanwhile, log and write
         # nothing rather than register an export of a model that is gone.

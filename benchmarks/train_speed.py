@@ -4,8 +4,10 @@
     (batch 128, shuffle), sigmoid decoder output, BCE summed, loss.item() every step.
 (b) ours: vaeops.training.loop.train_epoch — the split as one uint8 tensor, seeded permutation,
     whole-batch scaling (and dynamic binarization, the default), BCE-with-logits, sums kept on the
-    device.
-(c) with --bf16: (b) under train.bf16, bf16 autocast on the CPU (pays off with AVX512-BF16 or AMX).
+    device; train.precision fp32.
+(c) with --bf16: (b) with train.precision bf16 (pays off on CPUs with AVX512-BF16 or AMX).
+Denormals are flushed to zero for all three, as vaeops' loop does: a thread keeps the mode it was
+started with, so it is set before the baseline starts torch's threads.
 
 Both train the same models (vaeops' mlp / conv archs, Bernoulli likelihood, N(0, I) prior) with Adam
 at batch 128 on the processed train split; --parts switches (b) and (c) to other parts, e.g.
@@ -81,11 +83,11 @@ def baseline(arch: str, ds) -> Callable[[], int]:
 
 
 def ours(
-    arch: str, images: torch.Tensor, epochs: int, bf16: bool = False, parts: dict[str, str] | None = None
+    arch: str, images: torch.Tensor, epochs: int, precision: str, parts: dict[str, str] | None = None
 ) -> Callable[[], int]:
-    """vaeops' loop with the default params (and `parts`), warmed up; the returned function trains one
-    epoch."""
-    params = TrainParams(arch=arch, epochs=epochs + 1, device="cpu", bf16=bf16, **(parts or {}))
+    """vaeops' loop with the default params (and `parts`) in `precision`, warmed up; the returned
+    function trains one epoch."""
+    params = TrainParams(arch=arch, epochs=epochs + 1, device="cpu", precision=precision, **(parts or {}))
     config = model_config(params, tuple(images.shape[1:]), "mnist")
     loop = make_loop(params, config, images[: 128 * 5], torch.device("cpu"))
     train_epoch(loop, 1)  # warm-up on a few batches, like the baseline
@@ -108,8 +110,8 @@ def timed(epoch: Callable[[], int]) -> tuple[float, int]:
 
 NAMES = {
     "a": "(a) pytorch/examples DataLoader+ToTensor",
-    "b": "(b) vaeops in-memory",
-    "c": "(c) vaeops in-memory, train.bf16",
+    "b": "(b) vaeops in-memory, fp32",
+    "c": "(c) vaeops in-memory, bf16",
 }
 
 
@@ -120,13 +122,14 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=3, help="timed epochs per arch and loop")
     ap.add_argument("--conv-images", type=int, default=10000, help="conv epochs use this many images")
     ap.add_argument("--archs", default="mlp,conv")
-    ap.add_argument("--bf16", action="store_true", help="add (c): ours with train.bf16 (CPU autocast)")
+    ap.add_argument("--bf16", action="store_true", help="add (c): ours with train.precision bf16")
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads for both loops (0 = default)")
     ap.add_argument("--parts", default="", help="train params for (b) and (c), e.g. prior=vamp,iwae_k=5")
     args = ap.parse_args()
     parts = dict(item.split("=", 1) for item in args.parts.split(",") if item)
     if args.threads:
         torch.set_num_threads(args.threads)
+    torch.set_flush_denormal(True)
 
     x, y = load_split(args.data)
     images, labels = torch.from_numpy(x), torch.from_numpy(y)
@@ -136,9 +139,9 @@ def main() -> None:
         for arch in args.archs.split(","):
             n = len(images) if arch == "mlp" else min(args.conv_images, len(images))
             ds = torchvision_mnist(images[:n], labels[:n], args.raw, Path(tmp) / arch)
-            loops = {"a": baseline(arch, ds), "b": ours(arch, images[:n], args.epochs, parts=parts)}
+            loops = {"a": baseline(arch, ds), "b": ours(arch, images[:n], args.epochs, "fp32", parts)}
             if args.bf16:
-                loops["c"] = ours(arch, images[:n], args.epochs, bf16=True, parts=parts)
+                loops["c"] = ours(arch, images[:n], args.epochs, "bf16", parts)
             # Alternate the loops epoch by epoch, so a burst of load elsewhere on a shared machine hits
             # each of them; the best epoch of each is its least disturbed measurement.
             times: dict[str, list[tuple[float, int]]] = {k: [] for k in loops}

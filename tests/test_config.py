@@ -38,6 +38,7 @@ def test_environment_overrides_params_file(tmp_path, monkeypatch):
         ("preprocess:\n  val_size: -1\n", "preprocess.val_size = -1: Input should be greater than or equal"),
         ("train:\n  latnt_dim: 3\n", "unknown key 'train.latnt_dim'"),
         ("optimizer: adam\n", "unknown key 'optimizer'"),
+        ("train:\n  bf16: true\n", "p.yaml: train.bf16 was renamed to train.precision: auto "),
         ("train:\n  arch: vit\n", "train.arch = 'vit' is not allowed; expected 'mlp', 'conv' or 'resnet'"),
         ("train: [1, 2]\n", "train = [1, 2] is not a mapping; list its keys indented under 'train:'"),
         ("train:\n  lr: .nan\n", "train.lr = nan: Input should be a finite number"),

@@ -18,6 +18,7 @@ from test_signals import start_training
 
 from vaeops import tracking
 from vaeops.config import TrainParams
+from vaeops.device import native_bf16
 from vaeops.errors import UsageError, WorkError
 from vaeops.model.archs import ARCHS
 from vaeops.model.checkpoint import load_checkpoint, model_from_checkpoint
@@ -96,6 +97,7 @@ def test_loss_decreases_and_outputs_follow_the_contract(project):
 
     metrics = json.loads((project / "reports/train.json").read_text())
     assert metrics == result and metrics["epochs"] == 3 and metrics["seconds"] > 0
+    assert metrics["precision"] == loop.resolve_precision(TrainParams(), torch.device("cpu"))
     assert metrics["val"]["elbo"] == pytest.approx(curve[-1]["val_elbo"])
 
     state = load_checkpoint(project / "models/vae.pt")
@@ -217,9 +219,9 @@ def autocast_dtypes(params: TrainParams, data: torch.Tensor) -> set[torch.dtype]
 
 
 def test_bf16_trains_in_bf16_close_to_fp32_and_far_better_than_untrained(project):
-    base = TrainParams(**TINY | {"epochs": 3, "lr_warmup_steps": 0})
-    bf16 = base.model_copy(update={"bf16": True})
-    # Inside a training step the model really runs in bfloat16 (fp32 without the flag).
+    base = TrainParams(**TINY | {"epochs": 3, "lr_warmup_steps": 0, "precision": "fp32"})
+    bf16 = base.model_copy(update={"precision": "bf16"})
+    # Inside a training step the model really runs in bfloat16 (fp32 with precision fp32).
     data = torch.from_numpy(blobs(64, 0))
     assert autocast_dtypes(bf16, data) == {torch.bfloat16}
     assert autocast_dtypes(base, data) == {torch.float32}
@@ -238,6 +240,37 @@ def test_bf16_trains_in_bf16_close_to_fp32_and_far_better_than_untrained(project
     curve = read_curve(bf16_paths.curve)
     assert curve[0]["train_elbo"] < curve[1]["train_elbo"] < curve[2]["train_elbo"]
     assert all(t.dtype == torch.float32 for t in wb.values() if t.is_floating_point())
+
+
+def test_auto_precision_is_bf16_only_where_native_and_for_proven_parts():
+    cpu = torch.device("cpu")
+    here = "bf16" if native_bf16(cpu) else "fp32"
+    assert loop.resolve_precision(TrainParams(precision="auto", arch="conv"), cpu) == here
+    for part, names in loop.BF16_PARTS["cpu"].items():
+        field = TrainParams.model_fields[part].annotation
+        for name in set(typing.get_args(field)) - names:  # a part bf16 does not pay off for: fp32
+            parts = {"arch": "conv", part: name}
+            assert loop.resolve_precision(TrainParams(precision="auto", **parts), cpu) == "fp32"
+    for chosen in ("fp32", "bf16"):
+        assert loop.resolve_precision(TrainParams(precision=chosen, arch="resnet"), cpu) == chosen
+    # The same answer as the CPU's own flags (Linux); a machine without /proc/cpuinfo says fp32.
+    cpuinfo = Path("/proc/cpuinfo")
+    flags = cpuinfo.read_text().split() if cpuinfo.exists() else []
+    assert native_bf16(cpu) == ("avx512_bf16" in flags or "amx_bf16" in flags)
+
+
+def test_a_checkpoint_is_resumed_only_in_the_precision_it_was_trained_in(project):
+    params = TrainParams(**TINY | {"epochs": 2})
+    train.run(params, paths(project))
+    state = load_checkpoint(project / "models/vae.pt")
+    used = loop.resolve_precision(params, torch.device("cpu"))
+    assert state["precision"] == used
+    # As if trained on a machine where train.precision = auto meant the other precision.
+    other = {"fp32": "bf16", "bf16": "fp32"}[used]
+    torch.save(state | {"precision": other}, project / "models/vae.pt")
+    again = params.model_copy(update={"resume": True})
+    with pytest.raises(UsageError, match=f"trained in {other}, and train.precision = auto means {used} here"):
+        train.run(again, paths(project))
 
 
 def test_iwae_training_with_one_sample_is_elbo_training():
@@ -318,6 +351,8 @@ def test_mlflow_run_has_params_curves_images_and_tags(project, monkeypatch):
     assert run.info.status == "FINISHED"
     assert run.data.params["train.arch"] == "conv" and run.data.params["train.lr"] == str(TrainParams().lr)
     assert run.data.params["data.dataset"] == "mnist" and run.data.params["data.image_shape"] == "1x12x12"
+    used = loop.resolve_precision(TrainParams(arch="conv"), torch.device("cpu"))
+    assert run.data.params["train.precision"] == "auto" and run.data.params["train.precision_used"] == used
     tags = run.data.tags
     assert tags["dataset"] == "mnist" and tags["arch"] == "conv" and tags["dvc_experiment"] == "tiny-exp"
     assert len(tags["git_commit"]) == 40 or tags["git_commit"] == "unknown"
@@ -418,6 +453,20 @@ def test_batches_are_scaled_or_binarized_whole():
     big = torch.full((1000, 10), 51, dtype=torch.uint8)  # p = 0.2
     b = loop.scale(big, True, gen)
     assert set(b.unique().tolist()) == {0.0, 1.0} and abs(b.mean().item() - 0.2) < 0.01
+    # Every level v is 1 with probability v/255: black always 0, white always 1.
+    levels = torch.arange(256, dtype=torch.uint8).repeat(4001, 1)
+    b = loop.scale(levels, True, gen)
+    assert b.shape == levels.shape and b.dtype == torch.float32
+    assert b[:, 0].sum() == 0 and b[:, 255].sum() == len(levels)
+    assert (b.mean(0) - torch.arange(256) / 255).abs().max() < 0.04  # 5 standard deviations
+    odd = loop.scale(x, True, gen)  # 3 pixels: not a whole number of 64-bit draws
+    assert odd.shape == x.shape and odd[0, 0] == 0 and odd[0, 2] == 1
+    # A seeded draw: the same generator state gives the same targets, the next draw others.
+    gen, same = torch.Generator().manual_seed(1), torch.Generator().manual_seed(1)
+    first = loop.scale(levels, True, gen)
+    assert torch.equal(first, loop.scale(levels, True, same)) and not torch.equal(
+        first, loop.scale(levels, True, gen)
+    )
 
 
 def test_dvc_stage_declares_what_train_reads_and_writes():

@@ -21,7 +21,7 @@ from vaeops.errors import UsageError
 ENV_PREFIX = "VAEOPS_"
 # VAEOPS_* variables that are settings of the machine, not params: DVC does not track them.
 NOT_PARAMS = frozenset(
-    {"VAEOPS_DATA_MIRROR", "VAEOPS_SYSTEM_DATASETS", "VAEOPS_PROJECT_ROOT", "VAEOPS_DEBUG"}
+    {"VAEOPS_DATA_MIRROR", "VAEOPS_SYSTEM_DATASETS", "VAEOPS_PROJECT_ROOT", "VAEOPS_DEBUG", "VAEOPS_TIMINGS"}
 )
 
 MAX_SEED = 2**32 - 1
@@ -34,6 +34,9 @@ MAX_FIGURE_ROWS = 100
 MAX_TRAIN_GIB = 64
 TRAIN_IMAGES = 60_000  # the largest training split (MNIST, Fashion-MNIST), 28×28 pixels
 PIXELS = 28 * 28
+
+# Renamed keys: a params file or variable still using the old name is told the new one.
+RENAMED = {"train.bf16": "train.precision: auto | fp32 | bf16 (`bf16: true` is `precision: bf16`)"}
 
 # Why each upper bound exists: appended to the error of a value above it.
 BOUND_WHY = {
@@ -117,8 +120,8 @@ class TrainParams(Section):
     epochs: int = Field(10, ge=1, description="training epochs")
     batch_size: int = Field(128, ge=1, le=MAX_BATCH, description="images per optimizer step")
     optimizer: Literal["adam", "sgd"] = Field("adam", description="adam, or sgd with momentum")
-    # 5e-3 after a 500-step warm-up, then cosine decay: test −ELBO 103.2 after 10 epochs and 100.3
-    # after 50 (pytorch/examples' constant 1e-3: 106.0 / 102.1); see benchmarks/train_quality.py.
+    # 5e-3 after a 500-step warm-up, then cosine decay: a lower test −ELBO than pytorch/examples'
+    # constant 1e-3 after 10 and after 50 epochs (README, Benchmarks; benchmarks/train_quality.py).
     lr: float = Field(5e-3, gt=0, description="peak learning rate")
     momentum: float = Field(0.9, ge=0, lt=1, description="sgd momentum")
     weight_decay: float = Field(0.0, ge=0, description="L2 weight decay")
@@ -143,7 +146,9 @@ class TrainParams(Section):
     # CPU threads for torch (0 = torch's default, one per core). On a shared, busy machine 1 can be
     # many times faster: every op waits for its slowest thread to be scheduled.
     threads: int = Field(0, ge=0, le=MAX_WORKERS, description="torch CPU threads (0 = one per core)")
-    bf16: bool = Field(False, description="bf16 autocast (CUDA, or CPUs with AVX512-BF16/AMX)")
+    precision: Literal["auto", "fp32", "bf16"] = Field(
+        "auto", description="training math; auto = bf16 where native (GPU, AVX512-BF16/AMX) for proven parts"
+    )
     compile: bool = Field(False, description="CUDA only: torch.compile the model")
     resume: bool = Field(False, description="continue from models/vae.pt")
     log_every_steps: int = Field(100, ge=1, description="log the train loss to MLflow every N steps")
@@ -157,13 +162,17 @@ class TrainParams(Section):
 
 class EvaluateParams(Section):
     iwae_samples: int = Field(1000, ge=1, description="k importance samples per image")
-    # k=1000 over all 10 000 test images takes ~3 min (mlp) and ~20 min (conv) on 2 shared CPU
-    # cores, so by default the estimate uses a seeded random subset (mlp: −108.76 on 1000 images vs
-    # −108.89 on all); 0 = the whole test split.
-    iwae_images: int = Field(1000, ge=0, description="test images for the IWAE estimate; 0 = all")
-    # Decoded images held at once: on CPU, chunks from 1k to 20k ran equally fast within noise; 20k
-    # keeps a conv model's activations under ~1 GB and gives a GPU enough work per call.
-    iwae_batch: int = Field(20_000, ge=1, le=MAX_BATCH, description="max decoded images per IWAE chunk")
+    # The whole test split by default (benchmarks/evaluate_speed.py times it); on CPU a conv decoder
+    # takes minutes for it, and evaluate says how many after its first batch.
+    iwae_images: int = Field(
+        0, ge=0, description="test images for the IWAE estimate (seeded subset); 0 = all"
+    )
+    # Samples drawn at once (on a GPU also decoded at once; a CPU decodes them a cache-sized step at a
+    # time): 20k keeps a conv model's activations under ~1 GB and gives a GPU enough work per call.
+    iwae_batch: int = Field(20_000, ge=1, le=MAX_BATCH, description="max IWAE samples drawn at once")
+    precision: Literal["auto", "fp32", "bf16"] = Field(
+        "auto", description="IWAE decoder; auto = bf16 for a Bernoulli where native (GPU, AVX512-BF16/AMX)"
+    )
     seed: int = Field(0, ge=0, le=MAX_SEED, description="seed of sampling and image choice")
     traversal_dims: int = Field(
         5, ge=1, le=MAX_FIGURE_ROWS, description="rows of traversals.png (most active dims)"
@@ -248,6 +257,9 @@ def _param_vars(environ: typing.Mapping[str, str]) -> list[tuple[str, str, str |
         upper = var.upper()  # case-insensitive, as pydantic-settings matches them
         if not upper.startswith(ENV_PREFIX) or upper in NOT_PARAMS:
             continue
+        old = upper.removeprefix(ENV_PREFIX).lower().replace("__", ".")
+        if old in RENAMED:
+            raise UsageError(f"{var}: {old} was renamed to {RENAMED[old]}")
         if upper not in names:
             # Compared without the common prefix, which would make every name look close.
             known = [name.removeprefix(ENV_PREFIX) for name in [*names, *NOT_PARAMS]]
@@ -410,6 +422,8 @@ def _describe(err: dict[str, Any], where: str, origin: dict[str, str]) -> str:
         prefix, subject = "", f"{var} = {err['input']!r} ({key})"
     else:  # a whole section as JSON
         prefix, subject = f"{var}: ", f"{key} = {err['input']!r}"
+    if err["type"] == "extra_forbidden" and key in RENAMED:
+        return f"{prefix}{key} was renamed to {RENAMED[key]}"
     if err["type"] == "extra_forbidden":
         return f"{prefix}unknown key '{key}' (value {err['input']!r}); check the spelling against README"
     if err["type"] == "literal_error":

@@ -27,11 +27,11 @@ from vaeops.figures import grid, save_png
 from vaeops.io import atomic_path, write_json
 from vaeops.model.checkpoint import checkpoint, save_checkpoint
 from vaeops.model.vae import VAE, model_config
-from vaeops.progress import log, step_bar
+from vaeops.progress import log, step_bar, work
 from vaeops.stages.preprocess import load_split
 from vaeops.training.distributed import launch as launch  # for cli.py: train.launch
 from vaeops.training.distributed import process_group, rank_device, world
-from vaeops.training.loop import NonFinite, evaluate, make_loop, scale, train_epoch
+from vaeops.training.loop import NonFinite, evaluate, make_loop, resolve_precision, scale, train_epoch
 from vaeops.training.resume import resume_state
 from vaeops.training.signals import Interrupted as Interrupted  # for cli.py: train.Interrupted
 from vaeops.training.signals import clean_up_after_killed
@@ -127,13 +127,15 @@ def _run(params: TrainParams, paths: Paths) -> dict[str, Any]:
     shape = tuple(int(d) for d in meta["image_shape"])
     config = model_config(params, shape, str(meta["dataset"]))
     check_model(params, shape)
-    state = resume_state(params, paths.model, config)
+    state = resume_state(params, paths.model, config, resolve_precision(params, device))
     if min(params.batch_size, len(train_u8)) % size:
         raise UsageError(
             f"train.batch_size = {params.batch_size} (global) does not split evenly over {size} processes; "
             f"use a multiple of {size}"
         )
     loop = make_loop(params, config, train_u8, device)
+    if lead:
+        log(f"training in {loop.precision} (train.precision = {params.precision}, on {device.type})")
     if state is not None:
         loop.model.load_state_dict(state["model"])
         loop.opt.load_state_dict(state["optimizer"])
@@ -171,6 +173,7 @@ def _run(params: TrainParams, paths: Paths) -> dict[str, Any]:
             mlflow.log_params(
                 tracking.flatten({"train": params.model_dump(), "data": {"dataset": config["dataset"]}})
                 | {"data.image_shape": "x".join(map(str, shape)), "data.train_images": len(train_u8)}
+                | {"train.precision_used": loop.precision}
             )
             tracking.describe(run_id)  # the run page's summary; evaluate and export rewrite it
         elif lead:
@@ -185,11 +188,11 @@ def _run(params: TrainParams, paths: Paths) -> dict[str, Any]:
             loop.stop.check()  # a signal during the last epoch's logging and checkpoint stops here
             t0 = time.perf_counter()
             try:
-                with step_bar() as bar:
+                with work("train"), step_bar() as bar:
                     ep = train_epoch(loop, epoch, None if bar.disable or not lead else bar)
+                    val_recon, val_kl = evaluate(loop.model, val_x, loop.autocast)
             except NonFinite as e:
                 raise diverged(epoch, e.step, e.what) from None
-            val_recon, val_kl = evaluate(loop.model, val_x, loop.autocast)
             if not math.isfinite(val_recon + val_kl):
                 raise diverged(epoch, loop.steps, "the validation loss")
             row = {
@@ -220,6 +223,7 @@ def _run(params: TrainParams, paths: Paths) -> dict[str, Any]:
 
             seconds += time.perf_counter() - t0
             extra = {"optimizer": loop.opt.state_dict(), "params": params.model_dump(), "curve": curve}
+            extra["precision"] = loop.precision  # what train.precision meant here: resume checks it
             save_checkpoint(
                 paths.model,
                 checkpoint(loop.model, config, run_id=run_id, epoch=epoch, seconds=seconds, **extra),
@@ -245,6 +249,7 @@ def _run(params: TrainParams, paths: Paths) -> dict[str, Any]:
             "val": {k: last[f"val_{k}"] for k in ("elbo", "recon", "kl")},
             "epochs": int(last["epoch"]),
             "seconds": round(seconds, 2),
+            "precision": loop.precision,
         }
         mlflow.log_metric("train.seconds", seconds)  # one value: no chart among the curves
         write_json(paths.metrics, summary)

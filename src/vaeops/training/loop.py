@@ -2,10 +2,11 @@
 
 It is pytorch/examples vae/main.py without the DataLoader: the split lives in memory as one uint8
 tensor, every epoch draws a seeded permutation and slices batches, and scaling (or dynamic
-binarization) happens on whole batches. Everything random in epoch e (permutation, binarization,
-the reparameterization noise) is seeded from (seed, e), and the learning rate is a pure function of
-the global step, so the epoch-e checkpoint (weights + optimizer state) is all a resumed run needs to
-replay exactly what an uninterrupted run would have done.
+binarization) happens on whole batches; `train.precision` picks fp32 or bf16 (`resolve_precision`).
+Everything random in epoch e (permutation, binarization, the reparameterization noise) is seeded
+from (seed, e), and the learning rate is a pure function of the global step, so the epoch-e
+checkpoint (weights + optimizer state) is all a resumed run needs to replay exactly what an
+uninterrupted run would have done.
 
 Under torchrun (WORLD_SIZE > 1) every rank draws the same permutation, binarization and noise for
 the global batch of train.batch_size and trains on its own rows of it; DistributedDataParallel
@@ -23,11 +24,21 @@ import torch.distributed as dist
 from torch import Tensor
 
 from vaeops.config import TrainParams
+from vaeops.device import native_bf16
 from vaeops.model.vae import VAE, build_model, objective
+from vaeops.training.adam import FusedAdam
 from vaeops.training.distributed import all_sum, world
 from vaeops.training.signals import StopFlag
 
 VAL_BATCH = 1000
+# Where `auto` trains in bf16, per device type (with native bf16). A part belongs here when bf16 keeps
+# its test ELBO within 0.3 nats of fp32 after 10 and after 50 epochs (benchmarks/train_quality.py
+# --precision) and, on CPU, trains faster (benchmarks/train_speed.py --bf16): the mlp's batch-128
+# GEMMs there win back less than autocast's casts cost. Other parts train in fp32.
+BF16_PARTS = {
+    "cuda": {"arch": {"mlp", "conv"}, "likelihood": {"bernoulli"}},
+    "cpu": {"arch": {"conv"}, "likelihood": {"bernoulli"}},
+}
 
 
 @dataclass
@@ -36,24 +47,41 @@ class Loop:
 
     params: TrainParams
     model: VAE
-    opt: torch.optim.Optimizer
+    opt: Any  # FusedAdam or torch.optim.SGD
     data: Tensor  # uint8 N×C×H×W, on the training device
     forward: Any = None  # the model, or its torch.compile'd wrapper
     binarize: bool = False  # the model config's: binarization is for a Bernoulli only
+    precision: str = "fp32"  # what train.precision resolved to: fp32 or bf16
     autocast: Any = field(default_factory=nullcontext)
     stop: StopFlag = field(default_factory=StopFlag)
 
     def __post_init__(self) -> None:
-        self.forward = self.forward or self.model
+        self.forward = self.model if self.forward is None else self.forward
         # Whole batches only: each epoch's permutation differs, so every image is still visited, and
         # no trailing batch of one reaches BatchNorm (which cannot train on it).
         self.batch = min(self.params.batch_size, len(self.data))
         self.steps = max(1, len(self.data) // self.batch)
 
 
+def resolve_precision(params: TrainParams, device: torch.device) -> str:
+    """fp32 or bf16: what train.precision means on `device`. auto is bf16 where the hardware computes in
+    bf16 natively (see vaeops.device.native_bf16) and every part is in BF16_PARTS for its type."""
+    if params.precision != "auto":
+        return params.precision
+    parts = BF16_PARTS[device.type]
+    proven = all(getattr(params, key) in names for key, names in parts.items())
+    return "bf16" if proven and native_bf16(device) else "fp32"
+
+
 def make_loop(params: TrainParams, config: dict[str, Any], data: Tensor, device: torch.device) -> Loop:
     """config: the model config (`model_config`), which the checkpoint stores too."""
     cuda = device.type == "cuda"
+    precision = resolve_precision(params, device)
+    # Denormal floats flushed to zero, for the rest of the process. A decoder's saturated logits (say,
+    # always-black pixels) make gradients and Adam moments below float32's normal range, where CPU
+    # arithmetic runs up to a hundred times slower; at zero they change nothing a loss can show. A
+    # thread keeps the mode it was started with, so this comes before torch starts its CPU threads.
+    torch.set_flush_denormal(True)
     torch.manual_seed(params.seed)
     model = build_model(config).to(device)
     net: torch.nn.Module = model
@@ -70,13 +98,15 @@ def make_loop(params: TrainParams, config: dict[str, Any], data: Tensor, device:
         data.to(device),
         forward=torch.compile(net) if params.compile and cuda else net,
         binarize=config["binarize"],
-        # bf16 autocast: GEMMs in bfloat16 with fp32 accumulation (GPUs; CPUs with AVX512-BF16 or AMX).
-        autocast=torch.autocast(device.type, dtype=torch.bfloat16) if params.bf16 else nullcontext(),
+        precision=precision,
+        # GEMMs and convolutions in bfloat16 with fp32 accumulation; the loss stays fp32 (VAE.terms).
+        autocast=torch.autocast(device.type, dtype=torch.bfloat16) if precision == "bf16" else nullcontext(),
     )
 
 
-def make_optimizer(params: TrainParams, model: torch.nn.Module) -> torch.optim.Optimizer:
-    # fused: one kernel per parameter instead of ~10 elementwise passes; ~15% of a CPU mlp epoch.
+def make_optimizer(params: TrainParams, model: torch.nn.Module) -> Any:
+    # fused: one kernel for all parameters instead of ~10 elementwise passes over each. Adam, the
+    # default, skips torch.optim, whose import of torch._dynamo would slow every training start.
     if params.optimizer == "sgd":
         return torch.optim.SGD(
             model.parameters(),
@@ -85,7 +115,7 @@ def make_optimizer(params: TrainParams, model: torch.nn.Module) -> torch.optim.O
             weight_decay=params.weight_decay,
             fused=True,
         )
-    return torch.optim.Adam(model.parameters(), lr=params.lr, weight_decay=params.weight_decay, fused=True)
+    return FusedAdam(model.parameters(), lr=params.lr, weight_decay=params.weight_decay)
 
 
 def lr_at(step: int, total_steps: int, params: TrainParams) -> float:
@@ -109,9 +139,16 @@ def epoch_seed(seed: int, epoch: int) -> int:
 
 
 def scale(x: Tensor, binarize: bool, gen: torch.Generator | None) -> Tensor:
-    """uint8 batch → float targets in [0, 1], or a fresh Bernoulli draw of them (dynamic binarization)."""
-    x = x.float().div_(255)
-    return torch.bernoulli(x, generator=gen) if binarize else x
+    """uint8 batch → float targets in [0, 1], or a fresh Bernoulli draw of them (dynamic binarization):
+    pixel v is 1 with probability v/255, exactly for 0 and 255 and within 2^-16 between."""
+    if not binarize:
+        return x.float().div_(255)
+    # A uniform 16-bit u per pixel, from full-range 64-bit draws (torch.bernoulli and torch.rand draw
+    # 32 bits per value, one at a time); u < v·65536/255 has probability ceil(v·65536/255)/65536.
+    n = (x.numel() + 3) // 4
+    bits = torch.empty(n, dtype=torch.int64, device=x.device).random_(-(2**63), None, generator=gen)
+    u = bits.view(torch.int16)[: x.numel()].view(x.shape).int().add_(2**15)  # int16 → [0, 65536)
+    return (u.mul_(255) < x.int().mul_(65536)).float()
 
 
 class NonFinite(Exception):
@@ -146,7 +183,7 @@ def train_epoch(loop: Loop, epoch: int, bar: Any = None) -> dict[str, Any]:
         for group in opt.param_groups:
             group["lr"] = lr
         # Every rank draws the whole global batch's binarization and noise, then keeps its rows.
-        x = scale(loop.data[perm[i * bs : (i + 1) * bs]], loop.binarize, gen)[mine]
+        x = scale(loop.data.index_select(0, perm[i * bs : (i + 1) * bs]), loop.binarize, gen)[mine]
         eps = torch.randn(k, bs, p.latent_dim, device=device)[:, mine]
         with loop.autocast:
             out, mu, logvar, z = loop.forward(x, eps)
@@ -168,13 +205,13 @@ def train_epoch(loop: Loop, epoch: int, bar: Any = None) -> dict[str, Any]:
             torch.nn.utils.clip_grad_norm_(model.parameters(), p.grad_clip)
         opt.step()
         loop.stop.check()
-        sums += torch.stack([recon.mean(0).sum(), kl.mean(0).sum()]).detach()
+        sums += torch.stack((recon.detach(), kl.detach())).sum((1, 2))
         if logged:
             step_losses.append((step + 1, loss_all))
         if task is not None and i % 20 == 0:
             ips = (i + 1) * bs / (time.perf_counter() - t0)
             bar.update(task, completed=i + 1, info=f"loss {loss.item():.2f}  {ips:,.0f} img/s")
-    recon_mean, kl_mean = (all_sum(sums) / (loop.steps * bs)).tolist()
+    recon_mean, kl_mean = (all_sum(sums) / (loop.steps * bs * k)).tolist()
     if size > 1:
         # BatchNorm running stats (conv on CPU) differ per rank: keep rank 0's, which it checkpoints.
         for buf in model.buffers():

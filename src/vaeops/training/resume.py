@@ -13,9 +13,12 @@ from vaeops.progress import log
 RESUME_FREE = {"resume", "log_every_steps", "device", "threads", "compile", "experiment", "nproc"}
 
 
-def resume_state(params: TrainParams, path: Path, config: dict[str, Any]) -> dict[str, Any] | None:
+def resume_state(
+    params: TrainParams, path: Path, config: dict[str, Any], precision: str
+) -> dict[str, Any] | None:
     """The checkpoint at `path` to go on from, or None to start from scratch; a UsageError when it
-    was trained with another model config or other weight-changing params."""
+    was trained with another model config, other weight-changing params, or another precision than
+    `precision` (what train.precision means on this machine: auto may differ between machines)."""
     if not params.resume:
         return None
     if not path.exists():
@@ -36,4 +39,10 @@ def resume_state(params: TrainParams, path: Path, config: dict[str, Any]) -> dic
                 f"{path}: was trained with train.{key} = {value!r}, now {now.get(key)!r}; resuming would not "
                 "reproduce an uninterrupted run: restore it or set train.resume = false"
             )
+    if state.get("precision", precision) != precision:
+        raise UsageError(
+            f"{path}: was trained in {state['precision']}, and train.precision = {params.precision} means "
+            f"{precision} here; resuming would not reproduce an uninterrupted run: set train.precision = "
+            f"{state['precision']} or train.resume = false"
+        )
     return state

@@ -1,19 +1,26 @@
-"""Evaluate-stage speed: the whole stage at the default k, and its IWAE against a naive loop, one run.
+"""Evaluate-stage speed: the whole stage at the default settings, and its IWAE against the previous
+implementation and a naive loop, one run.
 
 (a) the full `evaluate` stage (vaeops.stages.evaluate.run) on the real test split with the params in
-    params.yaml (k = evaluate.iwae_samples over evaluate.iwae_images), broken down into the ELBO pass,
-    the IWAE estimate, the figures, and the rest (MLflow logging, files);
-(b) IWAE, same images and k, per-image time extrapolated to the whole test split:
+    params.yaml (k = evaluate.iwae_samples over evaluate.iwae_images, 0 = all), broken down into the
+    ELBO pass, the IWAE estimate, the figures, and the rest (MLflow logging, files);
+(b) IWAE, k = evaluate.iwae_samples over --images test images (default all), binarized as evaluate
+    does, each method with the same seeded noise where it draws the same way:
     naive: the textbook way, one decoder call per importance sample (k calls over a batch of images),
-           log q(z|x) from torch.distributions;
-    vaeops: evaluate.iwae, chunks of n x B latents per decoder call, the likelihood broadcasting
-           over the samples.
+           log q(z|x) from torch.distributions; timed on --naive-images and extrapolated;
+    previous: vaeops before the IWAE was batched for the CPU (kept below as `previous_iwae`): chunks
+           of n x B latents per decoder call, the likelihood broadcasting over the samples;
+    vaeops fp32 / bf16: evaluate.iwae now (decoded a cache-sized step at a time; the Bernoulli on an
+           mlp without passes over x·l), with an fp32 and, where the hardware has it, a bf16 decoder.
+    The mean log p(x) of each is printed with its difference from `previous`, in nats.
 
-Weights do not change the speed: models/vae.pt is used when it matches --arch, else a fresh model of
-the parts params.yaml names. MLflow logs go to a throw-away store. (b) needs a likelihood that is
-normalized on the test pixels (evaluate computes no IWAE otherwise).
+Weights do not change the speed: --checkpoint (models/vae.pt) is used when it matches --arch, else a
+fresh model of the parts params.yaml names (the differences in nats mean most for a trained model).
+MLflow logs go to a throw-away store. (b) needs a likelihood that is normalized on the test pixels
+(evaluate computes no IWAE otherwise). Run it alone on the machine: the times are the point.
 
-    .venv/bin/python benchmarks/evaluate_speed.py [--arch mlp|conv|resnet] [--baseline-images 100]
+    .venv/bin/python benchmarks/evaluate_speed.py [--arch mlp|conv|resnet] [--checkpoint models/vae.pt]
+        [--images 0] [--naive-images 100]
 """
 
 import argparse
@@ -29,6 +36,7 @@ import torch
 
 from vaeops import tracking
 from vaeops.config import load_params
+from vaeops.device import native_bf16
 from vaeops.model.checkpoint import checkpoint, load_checkpoint, model_from_checkpoint, save_checkpoint
 from vaeops.model.vae import VAE, build_model, model_config
 from vaeops.stages import evaluate
@@ -52,10 +60,44 @@ def naive_iwae(model: VAE, x: torch.Tensor, k: int) -> torch.Tensor:
     return torch.logsumexp(torch.stack(log_w), 0) - math.log(k)
 
 
+@torch.inference_mode()
+def previous_iwae(model: VAE, x: torch.Tensor, k: int, max_decoded: int, seed: int) -> torch.Tensor:
+    """evaluate.iwae and evaluation.iwae.iwae_log_px as they were before this benchmark's change:
+    all B × chunk samples of a chunk decoded at once, `model.terms` on them. Same noise as now."""
+    gen = torch.Generator(device=x.device).manual_seed(seed)
+    batch = max(1, min(len(x), max_decoded // k))
+    chunk = max(1, max_decoded // batch)
+    out = []
+    for xb in x.split(batch):
+        mu, logvar = model.encode(xb)
+        total = torch.full((xb.shape[0],), -math.inf, dtype=torch.float32, device=x.device)
+        done = 0
+        while done < k:
+            n = min(chunk, k - done)
+            eps = torch.randn(n, *mu.shape, generator=gen, dtype=mu.dtype, device=x.device)
+            z = mu + eps * torch.exp(0.5 * logvar)
+            dec = model.decoder(z.flatten(0, 1))
+            recon, kl = model.terms(
+                xb, dec.view(n, *xb.shape[:1], *dec.shape[1:]), mu, logvar, z, analytic_kl=False
+            )
+            total = torch.logaddexp(total, torch.logsumexp(-(recon + kl), dim=0))
+            done += n
+        out.append(total - math.log(k))
+    return torch.cat(out)
+
+
+def timed(fn, *args, **kwargs) -> tuple[torch.Tensor, float]:
+    start = time.perf_counter()
+    out = fn(*args, **kwargs)
+    return out, time.perf_counter() - start
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--arch", choices=["mlp", "conv", "resnet"], default="mlp")
-    ap.add_argument("--baseline-images", type=int, default=100, help="test images for the IWAE comparison")
+    ap.add_argument("--checkpoint", type=Path, default=ROOT / "models/vae.pt")
+    ap.add_argument("--images", type=int, default=0, help="test images for the IWAE comparison (0 = all)")
+    ap.add_argument("--naive-images", type=int, default=100, help="test images for the naive loop")
     args = ap.parse_args()
 
     p = load_params(ROOT / "params.yaml")
@@ -63,12 +105,12 @@ def main() -> None:
     data = ROOT / "data/processed"
     images, _ = load_split(data / "test.npz")
     meta = json.loads((data / "meta.json").read_text())
-    ckpt = ROOT / "models/vae.pt"
+    ckpt = args.checkpoint.resolve()
     state = load_checkpoint(ckpt) if ckpt.is_file() else None
     if state and state["config"]["arch"] == args.arch:
         config = state["config"]
         train = train.model_copy(update={k: v for k, v in config.items() if k in type(train).model_fields})
-        model, source = model_from_checkpoint(state), str(ckpt.relative_to(ROOT))
+        model, source = model_from_checkpoint(state), str(ckpt)
     else:
         torch.manual_seed(0)
         config = model_config(train, meta["image_shape"], meta["dataset"])
@@ -96,46 +138,48 @@ def main() -> None:
     print(
         f"\n(a) evaluate stage: {args.arch} z={model.latent_dim}, {parts} ({source}), cpu, {threads} threads"
     )
-    print(f"{'part':<34}{'seconds':>10}")
+    print(f"{'part':<40}{'seconds':>10}")
     rows = [(f"score pass ({t['images']} images)", tm.get("elbo", tm.get("loss", 0.0)))]
     if "iwae" in tm:
-        rows.append((f"IWAE ({t['iwae_images']} images x k={t['iwae_k']})", tm["iwae"]))
+        rows.append(
+            (f"IWAE ({t['iwae_images']} images x k={t['iwae_k']}, {t['iwae_precision']})", tm["iwae"])
+        )
     rows += [
         ("figures", tm["figures"]),
         ("MLflow logging, files, loading", total - sum(tm.values())),
         ("total", total),
     ]
     for name, sec in rows:
-        print(f"{name:<34}{sec:>10.1f}")
+        print(f"{name:<40}{sec:>10.1f}")
     if "iwae" not in tm:
         print("\n(b) skipped: the likelihood is not normalized on these pixels, so evaluate computes no IWAE")
         return
 
-    k = t["iwae_k"]
-    x = torch.from_numpy(images[: args.baseline_images]).float() / 255
-    if config["binarize"]:
-        x = torch.bernoulli(x, generator=torch.Generator().manual_seed(0))
+    k, batch, seed = t["iwae_k"], p.evaluate.iwae_batch, p.evaluate.seed + evaluate.SEED_IWAE
+    device = torch.device("cpu")
+    x = torch.from_numpy(images).float() / 255
+    if config["binarize"]:  # as evaluate binarizes the test set
+        gen = torch.Generator().manual_seed(p.evaluate.seed + evaluate.SEED_BINARIZE)
+        x = (torch.rand(x.shape, generator=gen) < x).float()
+    x = x[: args.images or len(x)]
     model = model.to(memory_format=torch.channels_last)
+    n, naive_n = len(x), min(args.naive_images, len(x))
     torch.manual_seed(0)
-    start = time.perf_counter()
-    naive = naive_iwae(model, x, k)
-    t_naive = time.perf_counter() - start
-    start = time.perf_counter()
-    ours = evaluate.iwae(model, x, k, p.evaluate.iwae_batch, seed=0)
-    t_ours = time.perf_counter() - start
-    n, full = len(x), t["images"]
-    print(f"\n(b) IWAE on {n} test images, k={k}, at most {p.evaluate.iwae_batch} decodes per call")
-    print(
-        f"{'method':<30}{'log p(x)':>10}{'seconds':>9}{'images/s':>10}{f'all {full}, est. s':>18}{'speed':>8}"
-    )
-    for name, est, sec in [
-        ("naive: one decode per sample", naive, t_naive),
-        ("vaeops: chunked", ours, t_ours),
-    ]:
-        print(
-            f"{name:<30}{est.mean():>10.2f}{sec:>9.1f}{n / sec:>10.1f}{sec / n * full:>18.0f}"
-            f"{t_naive / sec:>7.1f}x"
-        )
+    naive, t_naive = timed(naive_iwae, model, x[:naive_n], k)
+    methods = [
+        (f"naive: one decode per sample (est. from {naive_n})", naive, t_naive * n / naive_n),
+        ("previous vaeops: all chunk samples at once", *timed(previous_iwae, model, x, k, batch, seed)),
+        ("vaeops fp32", *timed(evaluate.iwae, model, x, k, batch, seed)),
+    ]
+    if native_bf16(device):
+        methods.append(("vaeops bf16 decoder", *timed(evaluate.iwae, model, x, k, batch, seed, bf16=True)))
+    previous, t_previous = methods[1][1], methods[1][2]
+    print(f"\n(b) IWAE on {n} test images, k={k}, at most {batch} samples drawn at once, cpu")
+    print(f"{'method':<46}{'log p(x)':>10}{'vs previous':>13}{'seconds':>9}{'speed-up':>10}")
+    for name, est, sec in methods:
+        diff = "" if est is naive else f"{(est.mean() - previous.mean()).item():+.4f}"
+        print(f"{name:<46}{est.mean():>10.3f}{diff:>13}{sec:>9.1f}{t_previous / sec:>9.1f}x")
+    print("(the naive row scores fewer images: its log p(x) is of those, with other noise)")
 
 
 if __name__ == "__main__":

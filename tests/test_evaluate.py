@@ -27,7 +27,7 @@ from vaeops.stages.preprocess import save_split
 SHAPE = (1, 12, 12)
 CLASSES = [str(i) for i in range(10)]
 NORMALIZED = {"elbo", "recon", "kl", "log_px_iwae", "bpd", "active_units", "elbo_iwae_images"}
-NORMALIZED_SETTINGS = {"iwae_k", "iwae_images", "images"}
+NORMALIZED_SETTINGS = {"iwae_k", "iwae_images", "iwae_precision", "images"}
 LOSS = {"bce", "kl", "loss", "active_units"}
 FIGURES = {"samples", "reconstructions", "interpolations", "traversals", "latent_map"}
 
@@ -333,7 +333,7 @@ def test_metrics_and_images_go_to_the_training_run(evaluated):
     for key in NORMALIZED:
         assert logged[f"test.{key}"] == pytest.approx(metrics[key]), key
     params = run.data.params
-    assert (params["evaluate.iwae_samples"], params["evaluate.iwae_images"]) == ("50", "60")
+    assert (params["evaluate.iwae_samples"], params["evaluate.iwae_scored_images"]) == ("50", "60")
     assert (params["evaluate.test_images"], params["evaluate.seed"]) == ("60", "0")
     figs = [f"evaluate/{p.name}" for p in (folder / "reports/figures").iterdir()]
     assert sorted(artifacts) == sorted([*figs, "evaluate/elbo_by_class.json"])
@@ -431,7 +431,7 @@ def test_a_tiny_test_split_still_gets_every_figure(tmp_path, monkeypatch, store)
     isolate(monkeypatch, store, tmp_path)
     write_data(tmp_path / "data", n=5)
     write_checkpoint(tmp_path, "mlp", SHAPE, 2)
-    params = EvaluateParams(iwae_samples=5, interpolation_pairs=3)
+    params = EvaluateParams(iwae_samples=5, iwae_images=1000, interpolation_pairs=3)
     result = run_stage(tmp_path, train_params("mlp", 2), params)
     assert result["test"]["iwae_images"] == 5  # iwae_images=1000 capped at the split size
     assert len(list((tmp_path / "reports/figures").iterdir())) == 7

@@ -163,7 +163,7 @@ def test_description_summarises_the_run(finished_run):
     client.log_metric(finished_run, "test.elbo", -102.25)
     client.log_metric(finished_run, "test.log_px_iwae", -98.5)
     client.log_param(finished_run, "evaluate.iwae_samples", "50")
-    client.log_param(finished_run, "evaluate.iwae_images", "60")
+    client.log_param(finished_run, "evaluate.iwae_scored_images", "60")
     client.log_dict(finished_run, {"a": 1}, "evaluate/elbo_by_class.json")
     client.log_text(finished_run, "x", "evaluate/b.txt")
     tracking.describe(finished_run)

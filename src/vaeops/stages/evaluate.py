@@ -13,6 +13,10 @@ only on binarized pixels.
 
 Everything random is drawn from generators seeded by `evaluate.seed`, one per purpose, so the same
 checkpoint gives the same numbers twice, and changing k does not move the single-sample ELBO.
+
+The IWAE decodes k samples of every scored image; `evaluate.precision` says whether its decoder
+computes in bf16 (auto: for a Bernoulli, where the hardware does so natively), recorded as
+`iwae_precision`.
 """
 
 import json
@@ -27,13 +31,13 @@ from torch import Tensor
 
 from vaeops import figures, tracking
 from vaeops.config import EvaluateParams, TrainParams
-from vaeops.device import resolve_device
+from vaeops.device import native_bf16, resolve_device
 from vaeops.errors import UsageError, WorkError
 from vaeops.evaluation.iwae import iwae_log_px
 from vaeops.io import atomic_folder, atomic_path
 from vaeops.model.checkpoint import model_from_checkpoint, read_checkpoint
 from vaeops.model.vae import MODEL_KEYS, VAE
-from vaeops.progress import log
+from vaeops.progress import log, work
 from vaeops.stages.preprocess import load_split
 
 ACTIVE_VAR = 0.01  # Burda et al. 2015: a unit is active if Var_x(E_q[z_u|x]) > 0.01
@@ -46,7 +50,8 @@ SEED_BINARIZE, SEED_ELBO, SEED_IWAE, SEED_PRIOR, SEED_PICK = range(5)
 # Settings in reports/metrics.json that are not results: MLflow params (evaluate.*), not metrics.
 SETTINGS = {
     "iwae_k": "evaluate.iwae_samples",
-    "iwae_images": "evaluate.iwae_images",
+    "iwae_images": "evaluate.iwae_scored_images",  # the count scored, not the setting (0 = all)
+    "iwae_precision": "evaluate.iwae_precision",
     "images": "evaluate.test_images",
 }
 # What bits/dim means for each normalized likelihood, in the log line.
@@ -55,6 +60,8 @@ BPD_MEANS = {
     "logistic": "of the 8-bit test pixels",
     "continuous_bernoulli": "differential: a density on [0, 1], not comparable with discrete bits/dim",
 }
+# An IWAE expected to take longer than this says so after its first batch, with the way to shorten it.
+SLOW_IWAE_S = 60
 
 
 def _generator(seed: int, device: torch.device) -> torch.Generator:
@@ -119,17 +126,36 @@ def elbo_pass(model: VAE, x: Tensor, seed: int) -> dict[str, Tensor]:
     return {name: torch.cat(ts) for name, ts in out.items()}
 
 
-@torch.inference_mode()
-def iwae(model: VAE, x: Tensor, k: int, max_decoded: int, seed: int) -> Tensor:
-    """log p(x) estimates per image with k importance samples, at most `max_decoded` decodes at once.
+def iwae_precision(name: str, device: torch.device, likelihood: str) -> str:
+    """evaluate.precision → the IWAE decoder's precision, "bf16" or "fp32". auto picks bf16 where the
+    device computes it natively, for the Bernoulli only: its −log p(x|z) barely moves when the decoder
+    rounds (a pixel it is sure of adds ~0 whatever its logit), while the continuous likelihoods'
+    densities of grey pixels move with every rounded output."""
+    if name == "auto":
+        return "bf16" if likelihood == "bernoulli" and native_bf16(device) else "fp32"
+    return name
 
-    Images are batched so one chunk covers all k samples of a few images when it fits: fewer, bigger
-    decoder calls over n×B latents.
+
+@torch.inference_mode()
+def iwae(model: VAE, x: Tensor, k: int, max_decoded: int, seed: int, bf16: bool = False) -> Tensor:
+    """log p(x) estimates per image with k importance samples, at most `max_decoded` drawn at once.
+
+    Images are batched so one chunk covers all k samples of a few images when it fits. The first
+    batch times the rest: a long estimate says how long, and how to shorten it.
     """
     gen = _generator(seed, x.device)
     batch = max(1, min(len(x), max_decoded // k))
     chunk = max(1, max_decoded // batch)
-    return torch.cat([iwae_log_px(model, xb, k, chunk, generator=gen) for xb in x.split(batch)])
+    start = time.perf_counter()
+    log_px = []
+    for xb in x.split(batch):
+        log_px.append(iwae_log_px(model, xb, k, chunk, generator=gen, bf16=bf16))
+        if len(log_px) == 1 and (eta := (time.perf_counter() - start) * len(x) / len(xb)) > SLOW_IWAE_S:
+            log(
+                f"IWAE: about {eta / 60:.0f} min for {len(x)} images at this model's speed; "
+                "evaluate.iwae_images: N scores a seeded subset of N (or lower evaluate.iwae_samples)"
+            )
+    return torch.cat(log_px)
 
 
 def active_units(mu: Tensor) -> tuple[int, Tensor]:
@@ -345,10 +371,18 @@ def score(
         values = -loss
         n_iwae = len(x) if params.iwae_images == 0 else min(params.iwae_images, len(x))
         subset = np.sort(np.random.default_rng(params.seed + SEED_PICK).permutation(len(x))[:n_iwae])
-        log(f"IWAE: k={params.iwae_samples} on {n_iwae} test images ({device.type})")
+        precision = iwae_precision(params.precision, device, cfg["likelihood"])
+        log(f"IWAE: k={params.iwae_samples} on {n_iwae} test images ({device.type}, {precision} decoder)")
         start = time.perf_counter()
         idx = torch.from_numpy(subset).to(device)
-        log_px = iwae(model, target[idx], params.iwae_samples, params.iwae_batch, params.seed + SEED_IWAE)
+        log_px = iwae(
+            model,
+            target[idx],
+            params.iwae_samples,
+            params.iwae_batch,
+            params.seed + SEED_IWAE,
+            bf16=precision == "bf16",
+        )
         timings["iwae"] = time.perf_counter() - start
         dim = math.prod(cfg["image_shape"])
         test = {
@@ -361,6 +395,7 @@ def score(
             "elbo_iwae_images": float(values[idx].mean()),  # the ELBO on the IWAE subset, to read the gap
             "iwae_k": params.iwae_samples,
             "iwae_images": n_iwae,
+            "iwae_precision": precision,
             "images": len(x),
         }
     else:
@@ -451,7 +486,8 @@ def run(
     with tracking.recording(run_id, "evaluate") as client:
         # channels_last: less time in the conv decoder's transposed convs on CPU, same numbers.
         model = model.to(device, memory_format=torch.channels_last)
-        test, by_class, pics, timings = score(model, images, labels, classes, cfg, params, device)
+        with work("evaluate"):
+            test, by_class, pics, timings = score(model, images, labels, classes, cfg, params, device)
         # The reports change as one set: written to temp files and a temp folder first, renamed into
         # place only after MLflow has the same numbers, so a failure half-way (disk full, a store that
         # refuses) leaves the previous set.

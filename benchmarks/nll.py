@@ -34,6 +34,13 @@ ROWS: dict[str, tuple[dict, int, int]] = {
     "mlp-vamp": ({"prior": "vamp"}, 50, 1000),
     "mlp-normal-iwae5": ({"objective": "iwae", "iwae_k": 5}, 50, 1000),
     "mlp2-vamp": ({"hidden_layers": 2, "hidden_dim": 512, "latent_dim": 32, "prior": "vamp"}, 50, 1000),
+    # Burda et al.'s shape (two hidden layers, z=50), trained on the bound it is scored with.
+    "mlp2-normal-iwae5": (
+        {"hidden_layers": 2, "hidden_dim": 512, "latent_dim": 50, "objective": "iwae", "iwae_k": 5},
+        100,
+        1000,
+    ),
+    "mlp2-normal": ({"hidden_layers": 2, "hidden_dim": 512, "latent_dim": 50}, 100, 1000),
     "conv-normal": ({"arch": "conv", "latent_dim": 32}, 10, 100),
     # Each step encodes every pseudo-input too: with conv, 50 keep a step within ~1.5× the normal prior's.
     "conv-vamp": ({"arch": "conv", "latent_dim": 32, "prior": "vamp", "prior_components": 50}, 10, 100),

@@ -21,7 +21,7 @@ from vaeops.config import TrainParams
 from vaeops.device import native_bf16
 from vaeops.errors import UsageError, WorkError
 from vaeops.model.archs import ARCHS
-from vaeops.model.checkpoint import load_checkpoint, model_from_checkpoint
+from vaeops.model.checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
 from vaeops.model.likelihoods import LIKELIHOODS
 from vaeops.model.priors import PRIORS
 from vaeops.model.vae import MODEL_KEYS, model_config
@@ -339,6 +339,12 @@ def test_resume_refuses_changed_params(project):
     with pytest.raises(UsageError, match="train.objective = 'elbo', now 'iwae'"):
         train.run(params.model_copy(update={"resume": True, "objective": "iwae"}), paths(project))
     assert (project / "models/vae.pt").read_bytes() == before
+    # A checkpoint from before a param was renamed (train.bf16 → train.precision) names the old key.
+    old = load_checkpoint(project / "models/vae.pt")
+    old["params"]["bf16"] = False
+    save_checkpoint(project / "models/vae.pt", old)
+    with pytest.raises(UsageError, match=r"older vaeops with train\.bf16, which no longer exist"):
+        train.run(params.model_copy(update={"resume": True}), paths(project))
 
 
 def test_mlflow_run_has_params_curves_images_and_tags(project, monkeypatch):

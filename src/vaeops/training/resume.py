@@ -33,6 +33,11 @@ def resume_state(
             "set train.resume = false to start over"
         )
     now = params.model_dump()
+    if gone := sorted(set(state["params"]) - set(now)):
+        raise UsageError(
+            f"{path}: was trained by an older vaeops with train.{', train.'.join(gone)}, which no longer "
+            "exist; its run cannot be continued: set train.resume = false to start over"
+        )
     for key, value in state["params"].items():
         if key not in RESUME_FREE and now.get(key) != value:
             raise UsageError(

@@ -66,9 +66,7 @@ def bernoulli_mlp_nll(decoder: MLPDecoder, x: Tensor, z: Tensor, step: int, bf16
     logits = torch.empty(step * b, pixels, device=z.device)  # reused: no fresh pages every step
     nll = []
     for zs in z.split(step):
-        h = zs.flatten(0, 1)
-        for layer in decoder.hidden:
-            h = layer(h).relu_()
+        h = decoder.features(zs.flatten(0, 1))
         if bf16:
             h = h.bfloat16().float()
         with bf16_products(bf16):

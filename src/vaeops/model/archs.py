@@ -44,11 +44,15 @@ class MLPDecoder(nn.Module):
         self.hidden = nn.ModuleList(nn.Linear(a, b) for a, b in zip(dims, dims[1:], strict=False))
         self.fc_out = nn.Linear(hidden_dim, math.prod(self.out_shape))
 
-    def forward(self, z: Tensor) -> Tensor:
+    def features(self, z: Tensor) -> Tensor:
+        """The last hidden layer's activations h: the output is fc_out(h) (evaluation.iwae uses h)."""
         h = z
         for layer in self.hidden:
             h = F.relu(layer(h))
-        return self.fc_out(h).view(-1, *self.out_shape)
+        return h
+
+    def forward(self, z: Tensor) -> Tensor:
+        return self.fc_out(self.features(z)).view(-1, *self.out_shape)
 
 
 def _dense(n_in: int, n_out: int) -> list[nn.Module]:

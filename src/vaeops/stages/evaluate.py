@@ -484,8 +484,7 @@ def run(
     tracking.require_run(run_id)  # fail now, not after minutes of IWAE
 
     with tracking.recording(run_id, "evaluate") as client:
-        # channels_last: less time in the conv decoder's transposed convs on CPU, same numbers.
-        model = model.to(device, memory_format=torch.channels_last)
+        model = model.to(device)  # the conv archs keep their own weights channels_last (model/archs.py)
         with work("evaluate"):
             test, by_class, pics, timings = score(model, images, labels, classes, cfg, params, device)
         # The reports change as one set: written to temp files and a temp folder first, renamed into
